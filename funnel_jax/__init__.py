@@ -1,0 +1,41 @@
+"""funnel-jax: the Funnel Transformer in JAX/Flax, numerically equal to the transformers reference."""
+
+from funnel_jax.config import FunnelConfig
+from funnel_jax.models import (
+    MODEL_CLASSES,
+    FunnelBaseModel,
+    FunnelForMaskedLM,
+    FunnelForMultipleChoice,
+    FunnelForPreTraining,
+    FunnelForQuestionAnswering,
+    FunnelForSequenceClassification,
+    FunnelForTokenClassification,
+    FunnelModel,
+    abstract_params,
+    init_params,
+)
+from funnel_jax.weights import from_pretrained, save_pretrained
+
+__all__ = [
+    "MODEL_CLASSES",
+    "FunnelBaseModel",
+    "FunnelConfig",
+    "FunnelForMaskedLM",
+    "FunnelForMultipleChoice",
+    "FunnelForPreTraining",
+    "FunnelForQuestionAnswering",
+    "FunnelForSequenceClassification",
+    "FunnelForTokenClassification",
+    "FunnelModel",
+    "abstract_params",
+    "from_pretrained",
+    "init_params",
+    "save_pretrained",
+]
+
+try:  # the tokenizer lands in its own module
+    from funnel_jax.tokenizer import FunnelTokenizer  # noqa: F401
+
+    __all__.append("FunnelTokenizer")
+except ImportError:  # pragma: no cover
+    pass

@@ -1,0 +1,522 @@
+"""Funnel Transformer building blocks (Flax linen): embeddings, attention, FFN, encoder, decoder.
+
+Dimension key (einsum letters):
+  B batch, S query length, T key length, R relative positions, D d_model,
+  N heads, H d_head, F d_inner, V vocab, K token-type classes (2).
+
+Parameter names mirror `transformers.models.funnel` module names, and every parameter carries
+logical axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`, ...) for sharding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from funnel_jax import attention_structure as structure
+from funnel_jax.config import FunnelConfig
+
+Array = jax.Array
+Dtype = Any
+
+
+# --- initialisers (the reference's distributions) --------------------------------------------
+
+
+def linear_std(config: FunnelConfig, fan_in: int, fan_out: int) -> float:
+    """Reference Linear init: N(0, sqrt(1 / (fan_in + fan_out))) unless initializer_std is set."""
+    if config.initializer_std is not None:
+        return config.initializer_std
+    return math.sqrt(1.0 / float(fan_in + fan_out))
+
+
+def linear_init(config: FunnelConfig, fan_in: int, fan_out: int, axes: tuple):
+    return nn.with_logical_partitioning(
+        jax.nn.initializers.normal(linear_std(config, fan_in, fan_out)), axes
+    )
+
+
+def uniform_init(upper: float, axes: tuple):
+    """U(0, upper), as the reference initialises r_w_bias, r_r_bias, r_kernel, r_s_bias, seg_embed."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, 0.0, upper)
+
+    return nn.with_logical_partitioning(init, axes)
+
+
+def zeros_init(axes: tuple):
+    return nn.with_logical_partitioning(jax.nn.initializers.zeros, axes)
+
+
+def ones_init(axes: tuple):
+    return nn.with_logical_partitioning(jax.nn.initializers.ones, axes)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def dense(config, features, fan_in, name, dtype, param_dtype, axes=("embed", "mlp"), bias=True):
+    """A Linear layer: kernel [in, out] (transposed from torch's [out, in]), bias zeros."""
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=linear_init(config, fan_in, features, axes),
+        bias_init=zeros_init(axes[-1:]),
+        name=name,
+    )
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 whatever the compute dtype; returns `dtype`."""
+
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        y = nn.LayerNorm(
+            epsilon=self.epsilon,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            use_fast_variance=False,
+            scale_init=ones_init(("norm",)),
+            bias_init=zeros_init(("norm",)),
+            name="ln",
+        )(x.astype(jnp.float32))
+        return y.astype(self.dtype)
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+
+class WordEmbeddings(nn.Module):
+    """Token embedding table [V, D]; `attend` gives the tied output projection."""
+
+    config: FunnelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        std = 1.0 if cfg.initializer_std is None else cfg.initializer_std
+        pad = cfg.pad_token_id
+
+        def init(key, shape, dtype=jnp.float32):
+            table = jax.random.normal(key, shape, dtype) * std
+            return table if pad is None else table.at[pad].set(0)
+
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(init, ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model),
+            self.param_dtype,
+        )
+
+    def __call__(self, input_ids: Array) -> Array:
+        """[B, L] int -> [B, L, D]."""
+        table = self.embedding.astype(self.dtype)
+        if self.config.one_hot_embeddings:
+            one_hot = jax.nn.one_hot(input_ids, self.config.vocab_size, dtype=self.dtype)
+            x = jnp.einsum("BLV,VD->BLD", one_hot, table)
+        else:
+            x = jnp.take(table, input_ids, axis=0)
+        if self.config.pad_token_id is not None:
+            # torch's Embedding(padding_idx=...) gives the padding row no gradient.
+            is_pad = (input_ids == self.config.pad_token_id)[..., None]
+            x = jnp.where(is_pad, jax.lax.stop_gradient(x), x)
+        return x
+
+    def attend(self, x: Array) -> Array:
+        """[B, L, D] -> [B, L, V] logits against the embedding table."""
+        return jnp.einsum("BLD,VD->BLV", x, self.embedding.astype(self.dtype))
+
+
+class FunnelEmbeddings(nn.Module):
+    config: FunnelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.word_embeddings = WordEmbeddings(self.config, **kw)
+        self.layer_norm = LayerNorm(self.config.layer_norm_eps, **kw)
+        self.dropout = nn.Dropout(self.config.hidden_dropout)
+
+    def __call__(self, input_ids=None, inputs_embeds=None, deterministic=True) -> Array:
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        x = self.layer_norm(inputs_embeds.astype(self.dtype))
+        return self.dropout(x, deterministic=deterministic)
+
+
+# --- attention -----------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class AttentionInputs:
+    """What one attention layer needs besides its hidden states.
+
+    position: relative_shift: (r [R, D],); factorized: (phi [S, D], pi [S, D], psi [T, D],
+      omega [T, D]).
+    token_type_mat: [B, S, T] bool. attention_mask: [B, T] float (1 keep, 0 pad).
+    cls_mask: [S, T] float or None.
+    """
+
+    position: tuple[Array, ...]
+    token_type_mat: Array
+    attention_mask: Array
+    cls_mask: Array | None
+
+
+def relative_shift(scores: Array, context_len: int, shift: int) -> Array:
+    """[B, N, S, R] scores per relative distance -> [B, N, S, T] scores per key.
+
+    A reshape trick (no gather): viewing the [S, R] block as [R, S] and dropping `shift` rows
+    shifts each query row by one more position than the previous one.
+    """
+    b, n, s, r = scores.shape
+    scores = scores.reshape(b, n, r, s)[:, :, shift:, :]
+    scores = scores.reshape(b, n, s, r - shift)
+    return scores[..., :context_len]
+
+
+class FunnelRelMultiheadAttention(nn.Module):
+    config: FunnelConfig
+    block_index: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        query: Array,
+        key_value: Array,
+        inputs: AttentionInputs,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+    ) -> tuple[Array, Array | None]:
+        """query [B, S, D], key_value [B, T, D] -> ([B, S, D], probabilities [B, N, S, T])."""
+        cfg = self.config
+        n, h, d = cfg.n_head, cfg.d_head, cfg.d_model
+        scale = 1.0 / (h**0.5)
+        dt, pdt = self.dtype, self.param_dtype
+
+        def head_proj(name, bias):
+            return nn.DenseGeneral(
+                (n, h),
+                use_bias=bias,
+                dtype=dt,
+                param_dtype=pdt,
+                kernel_init=linear_init(cfg, d, n * h, ("embed", "heads", "kv")),
+                bias_init=zeros_init(("heads", "kv")),
+                name=name,
+            )
+
+        def param(name, shape, axes):
+            p = self.param(name, uniform_init(cfg.initializer_range, axes), shape, pdt)
+            return p.astype(dt)
+
+        q = head_proj("q_head", False)(query) * scale  # BSNH
+        k = head_proj("k_head", True)(key_value)  # BTNH
+        v = head_proj("v_head", True)(key_value)  # BTNH
+        r_w_bias = param("r_w_bias", (n, h), ("heads", "kv"))
+        r_r_bias = param("r_r_bias", (n, h), ("heads", "kv"))
+        r_kernel = param("r_kernel", (d, n, h), ("embed", "heads", "kv"))
+        r_s_bias = param("r_s_bias", (n, h), ("heads", "kv"))
+        seg_embed = param("seg_embed", (2, n, h), ("segment", "heads", "kv"))
+
+        context_len = key_value.shape[1]
+        content = jnp.einsum("BSNH,BTNH->BNST", q + r_w_bias * scale, k)
+        positional = self._positional(inputs.position, q + r_r_bias * scale, r_kernel, context_len)
+        # Token type: seg_embed[1] for the same segment (or <cls>), seg_embed[0] otherwise.
+        tt_bias = jnp.einsum("BSNH,KNH->BNSK", q + r_s_bias * scale, seg_embed)
+        token_type = jnp.where(
+            inputs.token_type_mat[:, None], tt_bias[..., 1:2], tt_bias[..., 0:1]
+        )  # BNST
+        if inputs.cls_mask is not None:
+            positional = positional * inputs.cls_mask.astype(dt)
+            token_type = token_type * inputs.cls_mask.astype(dt)
+
+        score = (content + positional + token_type).astype(jnp.float32)
+        mask = inputs.attention_mask.astype(jnp.float32)[:, None, None, :]
+        score = score - structure.MASK_INF * (1.0 - mask)
+        prob = checkpoint_name(jax.nn.softmax(score, axis=-1).astype(dt), "attention_probs")
+        prob = nn.Dropout(cfg.attention_dropout)(prob, deterministic=deterministic)
+
+        attn = jnp.einsum("BNST,BTNH->BSNH", prob, v)
+        out = nn.DenseGeneral(
+            d,
+            axis=(-2, -1),
+            dtype=dt,
+            param_dtype=pdt,
+            kernel_init=linear_init(cfg, n * h, d, ("heads", "kv", "embed")),
+            bias_init=zeros_init(("embed",)),
+            name="post_proj",
+        )(attn)
+        out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+        residual = query.astype(jnp.float32) + out.astype(jnp.float32)
+        out = LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm")(residual)
+        return out, (prob if output_attentions else None)
+
+    def _positional(self, position, q_r: Array, r_kernel: Array, context_len: int) -> Array:
+        """Positional score [B, N, S, T]; q_r = scaled query + r_r_bias * scale, [B, S, N, H]."""
+        dt = self.dtype
+        if self.config.attention_type == "factorized":
+            phi, pi, psi, omega = (p.astype(dt) for p in position)
+            q_r_att = jnp.einsum("BSNH,DNH->BSND", q_r, r_kernel)
+            return jnp.einsum("BSND,TD->BNST", q_r_att * phi[:, None], psi) + jnp.einsum(
+                "BSND,TD->BNST", q_r_att * pi[:, None], omega
+            )
+        (r,) = position
+        shift = 2 if q_r.shape[1] != context_len else 1
+        r_head = jnp.einsum("RD,DNH->RNH", r.astype(dt), r_kernel)
+        scores = jnp.einsum("BSNH,RNH->BNSR", q_r, r_head)
+        return relative_shift(scores, context_len, shift)
+
+
+class FunnelPositionwiseFFN(nn.Module):
+    config: FunnelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        """[B, L, D] -> [B, L, D]."""
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(cfg, cfg.d_inner, cfg.d_model, "linear_1", axes=("embed", "mlp"), **kw)(x)
+        h = ACTIVATIONS[cfg.hidden_act](h)
+        h = nn.Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
+        h = dense(cfg, cfg.d_model, cfg.d_inner, "linear_2", axes=("mlp", "embed"), **kw)(h)
+        h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        residual = x.astype(jnp.float32) + h.astype(jnp.float32)
+        return LayerNorm(cfg.layer_norm_eps, name="layer_norm", **kw)(residual)
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute everything
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "attention_scores": jax.checkpoint_policies.save_only_these_names("attention_probs"),
+}
+
+
+class FunnelLayer(nn.Module):
+    config: FunnelConfig
+    block_index: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, query, key_value, inputs, deterministic=True, output_attentions=False):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x, prob = FunnelRelMultiheadAttention(
+            self.config, self.block_index, name="attention", **kw
+        )(query, key_value, inputs, deterministic, output_attentions)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = FunnelPositionwiseFFN(self.config, name="ffn", **kw)(x, deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), prob
+
+
+def layer_class(config: FunnelConfig):
+    """FunnelLayer, wrapped in nn.remat when config.remat_policy asks for it."""
+    if config.remat_policy == "none":
+        return FunnelLayer
+    # Arguments after self: query, key_value, inputs, deterministic, output_attentions.
+    return nn.remat(
+        FunnelLayer, policy=REMAT_POLICIES[config.remat_policy], static_argnums=(4, 5)
+    )
+
+
+# --- encoder and decoder ------------------------------------------------------------------
+
+
+class PositionEncoder(nn.Module):
+    """Sinusoidal position inputs for attention, float32, with the reference's dropout."""
+
+    config: FunnelConfig
+
+    @nn.compact
+    def __call__(self, kind: str, positions: list[int], deterministic: bool):
+        d = self.config.d_model
+        drop = nn.Dropout(self.config.hidden_dropout)
+        sin, cos = structure.sinusoid(positions, d)
+        if kind == "relative":  # r [R, D] over relative distances
+            return (
+                jnp.concatenate(
+                    [drop(sin, deterministic=deterministic), drop(cos, deterministic=deterministic)],
+                    axis=-1,
+                ),
+            )
+        if kind == "query":  # phi, pi [S, D]
+            sin_d = drop(sin, deterministic=deterministic)
+            cos_d = drop(cos, deterministic=deterministic)
+            return (jnp.concatenate([sin_d, sin_d], -1), jnp.concatenate([cos_d, cos_d], -1))
+        # key side: psi, omega [T, D]
+        return (jnp.concatenate([cos, sin], -1), jnp.concatenate([-sin, cos], -1))
+
+
+class FunnelEncoder(nn.Module):
+    config: FunnelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, attention_mask, token_type_ids, deterministic=True, output_attentions=False):
+        """x [B, L, D], attention_mask [B, L], token_type_ids [B, L] ->
+        (last hidden [B, L_last, D], all hidden states, all attention maps)."""
+        cfg = self.config
+        seq_len = x.shape[1]
+        structure.check_seq_len(cfg, seq_len)
+        factorized = cfg.attention_type == "factorized"
+        positions = PositionEncoder(cfg, name="position_encoder")
+        mask = attention_mask.astype(jnp.float32)
+        tt_mat = structure.token_type_mat(token_type_ids)
+        pos = list(range(seq_len))  # relative_shift: positions of the current tokens
+        q_pos = k_pos = pos  # factorized: positions on the query and key sides
+        if factorized:
+            q_emb = positions("query", q_pos, deterministic)
+            k_emb = positions("key", k_pos, deterministic)
+
+        hidden = x
+        all_hidden, all_attn = [x], []
+        layer_cls = layer_class(cfg)
+        for b, block_size in enumerate(cfg.block_sizes):
+            pooling = b > 0
+            if pooling:
+                if not factorized:
+                    pooled_pos = structure.stride_pool_pos(cfg, pos, b)
+                    rel = structure.relative_pos(pos, 2 ** (b - 1), pooled_pos, shift=2)
+                    r_pool = positions("relative", rel, deterministic)
+                    pos = pooled_pos
+                if cfg.pool_q_only:
+                    q_pos = structure.stride_pool_list(cfg, q_pos)
+                    tt_mat = structure.stride_pool(cfg, tt_mat, 1)
+                else:
+                    q_pos = k_pos = structure.stride_pool_list(cfg, q_pos)
+                    tt_mat = structure.stride_pool(cfg, structure.stride_pool(cfg, tt_mat, 1), 2)
+                    mask = structure.pool_tensor(cfg, mask, "min")
+                if factorized:
+                    q_emb = positions("query", q_pos, deterministic)
+                    k_emb = positions("key", k_pos, deterministic)
+                pooled_hidden = structure.pool_tensor(cfg, hidden, cfg.pooling_type)
+            if not factorized:
+                r_same = positions("relative", structure.relative_pos(pos, 2**b), deterministic)
+            for i in range(block_size):
+                layer = layer_cls(
+                    cfg, b, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{b}_{i}"
+                )
+                for repeat in range(cfg.block_repeats[b]):
+                    do_pooling = pooling and i == 0 and repeat == 0
+                    if do_pooling:
+                        query = pooled_hidden
+                        key_value = hidden if cfg.pool_q_only else pooled_hidden
+                    else:
+                        query = key_value = hidden
+                    s, t = query.shape[1], key_value.shape[1]
+                    if factorized:
+                        position = q_emb + k_emb
+                    else:
+                        position = r_pool if s != t else r_same
+                    inputs = AttentionInputs(
+                        position=position,
+                        token_type_mat=tt_mat,
+                        attention_mask=mask,
+                        cls_mask=structure.cls_mask(s, t, jnp.float32) if cfg.separate_cls else None,
+                    )
+                    hidden, prob = layer(query, key_value, inputs, deterministic, output_attentions)
+                    if do_pooling and cfg.pool_q_only:
+                        k_pos = structure.stride_pool_list(cfg, k_pos)
+                        if factorized:
+                            k_emb = positions("key", k_pos, deterministic)
+                        tt_mat = structure.stride_pool(cfg, tt_mat, 2)
+                        mask = structure.pool_tensor(cfg, mask, "min")
+                    all_hidden.append(hidden)
+                    all_attn.append(prob)
+        return hidden, tuple(all_hidden), tuple(all_attn)
+
+
+def upsample(x: Array, stride: int, target_len: int, separate_cls: bool, truncate_seq: bool):
+    """[B, L', D] -> [B, target_len, D] by repeating each token `stride` times (<cls> kept)."""
+    if stride == 1:
+        return x
+    if separate_cls:
+        cls, x = x[:, :1], x[:, 1:]
+    out = jnp.repeat(x, stride, axis=1, total_repeat_length=x.shape[1] * stride)
+    if separate_cls:
+        if truncate_seq:
+            out = jnp.pad(out, ((0, 0), (0, stride - 1), (0, 0)))
+        return jnp.concatenate([cls, out[:, : target_len - 1]], axis=1)
+    return out[:, :target_len]
+
+
+class FunnelDecoder(nn.Module):
+    config: FunnelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        final_hidden,
+        first_block_hidden,
+        attention_mask,
+        token_type_ids,
+        deterministic=True,
+        output_attentions=False,
+    ):
+        """Upsample [B, L_last, D] to [B, L, D], add the first block's output, run the layers."""
+        cfg = self.config
+        seq_len = first_block_hidden.shape[1]
+        up = upsample(
+            final_hidden,
+            2 ** (cfg.num_blocks - 1),
+            seq_len,
+            cfg.separate_cls,
+            cfg.truncate_seq,
+        )
+        hidden = (up.astype(jnp.float32) + first_block_hidden.astype(jnp.float32)).astype(
+            self.dtype
+        )
+        positions = PositionEncoder(cfg, name="position_encoder")
+        pos = list(range(seq_len))
+        if cfg.attention_type == "factorized":
+            position = positions("query", pos, deterministic) + positions("key", pos, deterministic)
+        else:
+            position = positions("relative", structure.relative_pos(pos, 1), deterministic)
+        inputs = AttentionInputs(
+            position=position,
+            token_type_mat=structure.token_type_mat(token_type_ids),
+            attention_mask=attention_mask.astype(jnp.float32),
+            cls_mask=structure.cls_mask(seq_len, seq_len, jnp.float32) if cfg.separate_cls else None,
+        )
+        all_hidden, all_attn = [hidden], []
+        layer_cls = layer_class(cfg)
+        for i in range(cfg.num_decoder_layers):
+            layer = layer_cls(
+                cfg, 0, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}"
+            )
+            hidden, prob = layer(hidden, hidden, inputs, deterministic, output_attentions)
+            all_hidden.append(hidden)
+            all_attn.append(prob)
+        return hidden, tuple(all_hidden), tuple(all_attn)
