@@ -1,4 +1,4 @@
-"""funnel-jax: the Funnel Transformer in JAX/Flax, numerically equal to the transformers reference."""
+"""funnel-jax: the Funnel Transformer in JAX/Flax, equal to the transformers reference."""
 
 from funnel_jax.config import FunnelConfig
 from funnel_jax.models import (

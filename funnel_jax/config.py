@@ -80,9 +80,7 @@ class FunnelConfig:
             set_("id2label", _FrozenDict(id2label))
             set_("num_labels", len(id2label))
         else:
-            set_(
-                "id2label", _FrozenDict({i: f"LABEL_{i}" for i in range(int(self.num_labels))})
-            )
+            set_("id2label", _FrozenDict({i: f"LABEL_{i}" for i in range(int(self.num_labels))}))
         if self.label2id is None:
             set_("label2id", _FrozenDict({v: k for k, v in self.id2label.items()}))
         else:

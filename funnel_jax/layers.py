@@ -44,7 +44,7 @@ def linear_init(config: FunnelConfig, fan_in: int, fan_out: int, axes: tuple):
 
 
 def uniform_init(upper: float, axes: tuple):
-    """U(0, upper), as the reference initialises r_w_bias, r_r_bias, r_kernel, r_s_bias, seg_embed."""
+    """U(0, upper): the reference's init of r_w_bias, r_r_bias, r_kernel, r_s_bias, seg_embed."""
 
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, 0.0, upper)
@@ -343,9 +343,7 @@ def layer_class(config: FunnelConfig):
     if config.remat_policy == "none":
         return FunnelLayer
     # Arguments after self: query, key_value, inputs, deterministic, output_attentions.
-    return nn.remat(
-        FunnelLayer, policy=REMAT_POLICIES[config.remat_policy], static_argnums=(4, 5)
-    )
+    return nn.remat(FunnelLayer, policy=REMAT_POLICIES[config.remat_policy], static_argnums=(4, 5))
 
 
 # --- encoder and decoder ------------------------------------------------------------------
@@ -364,7 +362,10 @@ class PositionEncoder(nn.Module):
         if kind == "relative":  # r [R, D] over relative distances
             return (
                 jnp.concatenate(
-                    [drop(sin, deterministic=deterministic), drop(cos, deterministic=deterministic)],
+                    [
+                        drop(sin, deterministic=deterministic),
+                        drop(cos, deterministic=deterministic),
+                    ],
                     axis=-1,
                 ),
             )
@@ -382,7 +383,9 @@ class FunnelEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, attention_mask, token_type_ids, deterministic=True, output_attentions=False):
+    def __call__(
+        self, x, attention_mask, token_type_ids, deterministic=True, output_attentions=False
+    ):
         """x [B, L, D], attention_mask [B, L], token_type_ids [B, L] ->
         (last hidden [B, L_last, D], all hidden states, all attention maps)."""
         cfg = self.config
@@ -442,7 +445,9 @@ class FunnelEncoder(nn.Module):
                         position=position,
                         token_type_mat=tt_mat,
                         attention_mask=mask,
-                        cls_mask=structure.cls_mask(s, t, jnp.float32) if cfg.separate_cls else None,
+                        cls_mask=structure.cls_mask(s, t, jnp.float32)
+                        if cfg.separate_cls
+                        else None,
                     )
                     hidden, prob = layer(query, key_value, inputs, deterministic, output_attentions)
                     if do_pooling and cfg.pool_q_only:
@@ -508,7 +513,9 @@ class FunnelDecoder(nn.Module):
             position=position,
             token_type_mat=structure.token_type_mat(token_type_ids),
             attention_mask=attention_mask.astype(jnp.float32),
-            cls_mask=structure.cls_mask(seq_len, seq_len, jnp.float32) if cfg.separate_cls else None,
+            cls_mask=structure.cls_mask(seq_len, seq_len, jnp.float32)
+            if cfg.separate_cls
+            else None,
         )
         all_hidden, all_attn = [hidden], []
         layer_cls = layer_class(cfg)

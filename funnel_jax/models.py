@@ -163,9 +163,9 @@ class FunnelDiscriminatorPredictions(_Module):
         cfg = self.config
         h = dense(cfg, cfg.d_model, cfg.d_model, "dense", axes=("embed", "mlp"), **self._kw)(hidden)
         h = ACTIVATIONS[cfg.hidden_act](h)
-        logits = dense(
-            cfg, 1, cfg.d_model, "dense_prediction", axes=("mlp", "labels"), **self._kw
-        )(h)
+        logits = dense(cfg, 1, cfg.d_model, "dense_prediction", axes=("mlp", "labels"), **self._kw)(
+            h
+        )
         return logits[..., 0]
 
 
@@ -253,9 +253,9 @@ class FunnelClassificationHead(_Module):
     def __call__(self, hidden, deterministic=True):
         """[B, D] -> [B, num_outputs]: linear_hidden -> tanh -> dropout -> linear_out."""
         cfg = self.config
-        h = dense(cfg, cfg.d_model, cfg.d_model, "linear_hidden", axes=("embed", "mlp"), **self._kw)(
-            hidden
-        )
+        h = dense(
+            cfg, cfg.d_model, cfg.d_model, "linear_hidden", axes=("embed", "mlp"), **self._kw
+        )(hidden)
         h = nn.Dropout(cfg.hidden_dropout)(jnp.tanh(h), deterministic=deterministic)
         return dense(
             cfg, self.num_outputs, cfg.d_model, "linear_out", axes=("mlp", "labels"), **self._kw

@@ -91,6 +91,20 @@ def torch_to_flax_tensor(path: tuple[str, ...], value: np.ndarray, config: Funne
     return value
 
 
+def torch_shape(path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a tensor of Flax shape `flax_shape` at `path` has in the torch state dict."""
+    parent, leaf = path[-2], path[-1]
+    if leaf == "kernel":
+        if parent in HEAD_SPLIT:
+            return (int(np.prod(flax_shape[1:])), flax_shape[0])
+        if parent == "post_proj":
+            return (flax_shape[-1], int(np.prod(flax_shape[:-1])))
+        return tuple(reversed(flax_shape))
+    if leaf == "bias" and parent in HEAD_SPLIT:
+        return (int(np.prod(flax_shape)),)
+    return tuple(flax_shape)
+
+
 def flax_to_torch_tensor(path: tuple[str, ...], value: np.ndarray):
     """Per-tensor layout hook, Flax -> torch (inverse of `torch_to_flax_tensor`)."""
     parent, leaf = path[-2], path[-1]
@@ -160,15 +174,15 @@ def state_dict_to_params(
                 continue
             unexpected.append(f"{key} {_shape_str(value)}")
             continue
-        arr = torch_to_flax_tensor(path, np.asarray(value), config)
         want = expected[path]
-        if tuple(arr.shape) != tuple(want.shape):
+        if tuple(np.shape(value)) != torch_shape(path, tuple(want.shape)):
             mismatched.append(
-                f"{key}: checkpoint {_shape_str(value)} -> {tuple(arr.shape)}, "
-                f"model expects {tuple(want.shape)} (flax {'/'.join(path)})"
+                f"{key}: checkpoint {_shape_str(value)}, model expects "
+                f"{torch_shape(path, tuple(want.shape))} (flax {'/'.join(path)} "
+                f"{tuple(want.shape)})"
             )
             continue
-        converted[path] = arr
+        converted[path] = torch_to_flax_tensor(path, np.asarray(value), config)
 
     missing = [p for p in expected if p not in converted]
     head_missing = [p for p in missing if _is_head_path(p)]
@@ -179,7 +193,7 @@ def state_dict_to_params(
             "missing from the checkpoint: "
             + ", ".join(
                 f"{flax_path_to_torch_key(_source_path(p, source_prefixed, target_prefixed))} "
-                f"{tuple(expected[p].shape)}"
+                f"{torch_shape(p, tuple(expected[p].shape))}"
                 for p in body_missing
             )
         )
