@@ -158,15 +158,22 @@ class FunnelTokenizer:
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {sorted(unknown)}")
         if not isinstance(tokenizer, Tokenizer):
-            raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {_type_name(tokenizer)}")
+            raise TypeError(
+                f"tokenizer must be a tokenizers.Tokenizer, got {_type_name(tokenizer)}"
+            )
         if not isinstance(tokenizer.model, WordPiece):
             raise ValueError(
                 f"FunnelTokenizer needs a WordPiece model, got {_type_name(tokenizer.model)}"
             )
-        for side_name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
+        for side_name, side in (
+            ("padding_side", padding_side),
+            ("truncation_side", truncation_side),
+        ):
             if side not in ("right", "left"):
                 raise ValueError(f"{side_name} must be 'right' or 'left', got {side!r}")
-        self._special = {k: str(special_tokens.get(k) or v) for k, v in DEFAULT_SPECIAL_TOKENS.items()}
+        self._special = {
+            k: str(special_tokens.get(k) or v) for k, v in DEFAULT_SPECIAL_TOKENS.items()
+        }
         self.do_lower_case = bool(do_lower_case)
         self.strip_accents = strip_accents
         self.tokenize_chinese_chars = bool(tokenize_chinese_chars)
@@ -190,7 +197,10 @@ class FunnelTokenizer:
         # Special tokens: matched in the raw text before normalization; ids from the vocabulary,
         # and those missing from it appended in transformers' order.
         tok.add_special_tokens(
-            [AddedToken(self._special[k], special=True, normalized=False) for k in SPECIAL_TOKEN_KEYS]
+            [
+                AddedToken(self._special[k], special=True, normalized=False)
+                for k in SPECIAL_TOKEN_KEYS
+            ]
         )
         self._tok = tok
         self._ids = {k: tok.token_to_id(v) for k, v in self._special.items()}
@@ -200,10 +210,10 @@ class FunnelTokenizer:
             pair=f"{cls}:{CLS_TOKEN_TYPE_ID} $A:0 {sep}:0 $B:1 {sep}:1",
             special_tokens=[(cls, self._ids["cls_token"]), (sep, self._ids["sep_token"])],
         )
-        self._n_special = (tok.num_special_tokens_to_add(False), tok.num_special_tokens_to_add(True))
-        # What is currently set on the backend, to skip redundant enable_* calls.
-        self._trunc_state: dict | None = None
-        self._pad_state: dict | None = None
+        self._n_special = (
+            tok.num_special_tokens_to_add(False),
+            tok.num_special_tokens_to_add(True),
+        )
         self._warned_too_long = False
 
     # ------------------------------------------------------------------ construction
@@ -361,7 +371,9 @@ class FunnelTokenizer:
         vocab = self._tok.get_vocab(with_added_tokens=False)
         by_id = sorted(vocab.items(), key=lambda kv: kv[1])
         if [i for _, i in by_id] != list(range(len(by_id))):
-            raise ValueError("the WordPiece vocabulary ids are not contiguous; cannot write vocab.txt")
+            raise ValueError(
+                "the WordPiece vocabulary ids are not contiguous; cannot write vocab.txt"
+            )
         with open(vocab_path, "w", encoding="utf-8") as f:
             for token, _ in by_id:
                 f.write(token + "\n")
@@ -430,13 +442,16 @@ class FunnelTokenizer:
             lowercase=lowercase,
         )
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer_kwargs: dict[str, Any] = {}
+        if limit_alphabet is not None:
+            trainer_kwargs["limit_alphabet"] = limit_alphabet
         trainer = WordPieceTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
             show_progress=show_progress,
             special_tokens=specials,
-            limit_alphabet=limit_alphabet,
             continuing_subword_prefix=WORDPIECE_PREFIX,
+            **trainer_kwargs,
         )
         if files is not None:
             tok.train(files, trainer)
@@ -458,8 +473,13 @@ class FunnelTokenizer:
         """The file list when ``obj`` names files, None when it is an iterable of texts."""
         if isinstance(obj, (str, os.PathLike)):
             candidates = [obj]
-        elif isinstance(obj, (list, tuple)) and obj and all(
-            isinstance(p, os.PathLike) or (isinstance(p, str) and os.path.isfile(p)) for p in obj
+        elif (
+            isinstance(obj, (list, tuple))
+            and obj
+            and all(
+                isinstance(p, os.PathLike) or (isinstance(p, str) and os.path.isfile(p))
+                for p in obj
+            )
         ):
             candidates = list(obj)
         elif isinstance(obj, (bytes, dict)) or not isinstance(obj, Iterable):
@@ -555,7 +575,9 @@ class FunnelTokenizer:
 
     # ------------------------------------------------------------------ encoding
 
-    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False) -> list[str]:
+    def tokenize(
+        self, text: str, pair: str | None = None, add_special_tokens: bool = False
+    ) -> list[str]:
         """The WordPiece tokens of ``text`` (and ``pair``), without special tokens by default."""
         self._check_text(text, "text")
         if pair is not None:
@@ -601,7 +623,9 @@ class FunnelTokenizer:
             or not isinstance(pad_to_multiple_of, int)
             or pad_to_multiple_of <= 0
         ):
-            raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+            raise ValueError(
+                f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}"
+            )
         if return_tensors not in (None, "np", "jax"):
             raise ValueError(f"return_tensors must be 'np', 'jax' or None, got {return_tensors!r}")
 
@@ -616,8 +640,8 @@ class FunnelTokenizer:
                 )
             if stride > 0 and stride >= max_length - n_special:
                 raise ValueError(
-                    f"stride={stride} must be smaller than max_length minus the {n_special} special "
-                    f"tokens ({max_length} - {n_special} = {max_length - n_special})"
+                    f"stride={stride} must be smaller than max_length minus the {n_special} "
+                    f"special tokens ({max_length} - {n_special} = {max_length - n_special})"
                 )
             trunc_cfg = {
                 "max_length": max_length,
@@ -642,10 +666,15 @@ class FunnelTokenizer:
                 encodings = self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
             else:
                 # Same ids as encode_batch; skips computing character offsets.
-                encodings = self._tok.encode_batch_fast(inputs, add_special_tokens=add_special_tokens)
+                encodings = self._tok.encode_batch_fast(
+                    inputs, add_special_tokens=add_special_tokens
+                )
         except BaseException as e:  # a Rust panic arrives as pyo3's PanicException
-            if type(e).__name__ == "PanicException":
-                raise ValueError(f"tokenizers could not truncate this input: {e}") from None
+            if type(e).__name__ == "PanicException" or "Truncation error" in str(e):
+                raise ValueError(
+                    f"cannot truncate this input with truncation={trunc!r}, "
+                    f"max_length={max_length}, stride={stride}: {e}"
+                ) from None
             raise
 
         if return_overflowing_tokens:
@@ -670,7 +699,11 @@ class FunnelTokenizer:
                 )
 
         data: dict[str, Any] = {}
-        fields = [("input_ids", "ids"), ("token_type_ids", "type_ids"), ("attention_mask", "attention_mask")]
+        fields = [
+            ("input_ids", "ids"),
+            ("token_type_ids", "type_ids"),
+            ("attention_mask", "attention_mask"),
+        ]
         if return_special_tokens_mask:
             fields.append(("special_tokens_mask", "special_tokens_mask"))
         if return_offsets_mapping:
@@ -694,7 +727,9 @@ class FunnelTokenizer:
                 )
             for key, attr in fields:
                 if key == "offset_mapping":
-                    arr = np.array([r.offsets for r in rows], dtype=np.int32).reshape(len(rows), width, 2)
+                    arr = np.array([r.offsets for r in rows], dtype=np.int32).reshape(
+                        len(rows), width, 2
+                    )
                 else:
                     arr = np.array([getattr(r, attr) for r in rows], dtype=np.int32).reshape(
                         len(rows), width
@@ -743,13 +778,14 @@ class FunnelTokenizer:
                 )
             if len(text_pair) != len(text):
                 raise ValueError(
-                    f"text has {len(text)} items but text_pair has {len(text_pair)}; they must match"
+                    f"text has {len(text)} items but text_pair has {len(text_pair)}; "
+                    "they must match"
                 )
             for name, seq in (("text", text), ("text_pair", text_pair)):
                 for i, t in enumerate(seq):
                     if not isinstance(t, str):
                         raise TypeError(f"{name}[{i}] must be a str, got {_type_name(t)}")
-            return True, list(zip(text, text_pair)), len(text) > 0
+            return True, list(zip(text, text_pair, strict=True)), len(text) > 0
         has_pair = False
         for i, t in enumerate(text):
             if isinstance(t, str):
@@ -812,18 +848,21 @@ class FunnelTokenizer:
         return pad, trunc, max_length
 
     def _configure(self, trunc_cfg: dict | None, pad_cfg: dict | None) -> None:
-        if trunc_cfg != self._trunc_state:
+        """Set truncation/padding on the backend, skipping the calls when already set.
+
+        The backend's own settings are compared (not a cached copy), so changes made directly on
+        `backend_tokenizer` are seen.
+        """
+        if self._tok.truncation != trunc_cfg:
             if trunc_cfg is None:
                 self._tok.no_truncation()
             else:
                 self._tok.enable_truncation(**trunc_cfg)
-            self._trunc_state = trunc_cfg
-        if pad_cfg != self._pad_state:
+        if self._tok.padding != pad_cfg:
             if pad_cfg is None:
                 self._tok.no_padding()
             else:
                 self._tok.enable_padding(**pad_cfg)
-            self._pad_state = pad_cfg
 
     # ------------------------------------------------------------------ decoding
 
@@ -844,7 +883,9 @@ class FunnelTokenizer:
             out.append(int(i))
         return out
 
-    def decode(self, ids: int | Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
+    def decode(
+        self, ids: int | Sequence[int] | np.ndarray, skip_special_tokens: bool = False
+    ) -> str:
         """Ids back to text with the WordPiece decoder (joins ``##`` pieces)."""
         if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
             ids = [int(ids)]

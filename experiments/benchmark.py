@@ -1,0 +1,441 @@
+"""Speed of funnel_jax against the transformers PyTorch reference, side by side in one process.
+
+    python -m experiments.benchmark                      # small config, batch 8, length 128
+    python -m experiments.benchmark --config large --dtype bfloat16 --seq-len 512   # GPU
+    python -m experiments.benchmark --scaling            # + time vs length plot (128..2048)
+
+Measures forward throughput (FunnelModel, FunnelBaseModel) and one ELECTRA discriminator
+train step (FunnelForPreTraining forward, backward, AdamW), alternating JAX and PyTorch so
+machine noise hits both, and reports medians, ratios, analytic model FLOPs (funnel_jax/flops.py)
+and MFU against a large matmul timed in the same run. Appends a table to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="small", help="name in configs/models/ or a config.json")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=7, help="alternating rounds; medians reported")
+    p.add_argument("--iters", type=int, default=3, help="steps timed per round")
+    p.add_argument("--only", default="forward,train", help="comma list: forward,train")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--remat", default="none", help="remat policy for the train step")
+    p.add_argument("--attention-impl", default="einsum", choices=["einsum", "fused_bias"])
+    p.add_argument("--scaling", action="store_true", help="time vs length, Funnel vs standard")
+    p.add_argument("--scaling-lengths", default="128,256,512,1024,2048")
+    p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"), help="'' to skip writing")
+    p.add_argument("--plot", default=str(ROOT / "benchmarks" / "scaling.png"))
+    p.add_argument("--profile", default="", help="write a JAX profiler trace of the train step")
+    return p.parse_args(argv)
+
+
+def load_config(name: str):
+    from funnel_jax import FunnelConfig
+
+    path = Path(name)
+    if not path.exists():
+        path = ROOT / "configs" / "models" / f"{name}.json"
+    return FunnelConfig.from_json_file(path), path.stem
+
+
+def timed(fn, iters: int) -> float:
+    """Seconds per call (fn must block until its result is ready)."""
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> dict:
+    """FLOP/s of a large square matmul, in JAX and torch; the larger is the device peak."""
+    import jax
+    import jax.numpy as jnp
+
+    dt = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    jax_t = statistics.median(timed(lambda: f(a).block_until_ready(), 3) for _ in range(repeats))
+    out = {"jax": 2 * n**3 / jax_t}
+    try:
+        import torch
+
+        tdt = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        ta = torch.randn(n, n, dtype=tdt, device=dev)
+
+        def tmm():
+            ta @ ta
+            if dev == "cuda":
+                torch.cuda.synchronize()
+
+        tmm()
+        torch_t = statistics.median(timed(tmm, 3) for _ in range(repeats))
+        out["torch"] = 2 * n**3 / torch_t
+    except ImportError:
+        pass
+    out["peak"] = max(out.values())
+    return out
+
+
+class JaxBench:
+    def __init__(self, config, batch, seq_len, dtype_name):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        import optax
+
+        import funnel_jax as fj
+        from funnel_jax import losses
+
+        self.jax = jax
+        dt = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+        rng = np.random.RandomState(0)
+        ids = rng.randint(5, config.vocab_size, (batch, seq_len)).astype(np.int32)
+        tt = np.zeros_like(ids)
+        tt[:, 0] = 2
+        tt[:, seq_len // 2 :] = 1
+        self.inputs = dict(
+            input_ids=jnp.asarray(ids),
+            attention_mask=jnp.ones_like(ids),
+            token_type_ids=jnp.asarray(tt),
+        )
+        self.labels = jnp.asarray(rng.randint(0, 2, (batch, seq_len)).astype(np.int32))
+        self.fwd = {}
+        for name in ("FunnelModel", "FunnelBaseModel"):
+            module = fj.MODEL_CLASSES[name](config=config, dtype=dt)
+            params = fj.init_params(module, jax.random.PRNGKey(0))
+
+            def forward(p, inputs, module=module):
+                return module.apply({"params": p}, **inputs).last_hidden_state
+
+            self.fwd[name] = (jax.jit(forward), params)
+
+        module = fj.FunnelForPreTraining(config=config, dtype=dt)
+        params = fj.init_params(module, jax.random.PRNGKey(0))
+        tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)  # torch defaults
+
+        def train_step(state, inputs, labels):
+            params, opt_state, rng = state
+            rng, drop = jax.random.split(rng)
+
+            def loss_fn(p):
+                logits = module.apply(
+                    {"params": p}, **inputs, deterministic=False, rngs={"dropout": drop}
+                ).logits
+                return losses.discriminator_loss(logits, labels, inputs["attention_mask"])
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state, rng), loss
+
+        self.step = jax.jit(train_step, donate_argnums=0)
+        self.state = (params, tx.init(params), jax.random.PRNGKey(1))
+        self.module = module
+
+    def forward(self, name):
+        fn, params = self.fwd[name]
+        return lambda: fn(params, self.inputs).block_until_ready()
+
+    def train(self):
+        def run():
+            self.state, loss = self.step(self.state, self.inputs, self.labels)
+            loss.block_until_ready()
+
+        return run
+
+    def compiled_flops(self):
+        lowered = self.step.lower(self.state, self.inputs, self.labels)
+        cost = lowered.compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+class TorchBench:
+    def __init__(self, config, batch, seq_len, dtype_name, compile_=False, fused=False):
+        import numpy as np
+        import torch
+        import transformers
+
+        self.torch = torch
+        self.dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.autocast = dtype_name == "bfloat16"
+        tconfig = transformers.FunnelConfig(**config.to_dict())
+        rng = np.random.RandomState(0)
+        ids = rng.randint(5, config.vocab_size, (batch, seq_len))
+        tt = np.zeros_like(ids)
+        tt[:, 0] = 2
+        tt[:, seq_len // 2 :] = 1
+        t = lambda a: torch.as_tensor(a).to(self.dev)  # noqa: E731
+        self.inputs = dict(
+            input_ids=t(ids), attention_mask=t(np.ones_like(ids)), token_type_ids=t(tt)
+        )
+        self.labels = t(rng.randint(0, 2, (batch, seq_len)))
+        self.fwd = {}
+        for name in ("FunnelModel", "FunnelBaseModel"):
+            m = getattr(transformers, name)(tconfig).to(self.dev).eval()
+            self.fwd[name] = torch.compile(m) if compile_ else m
+        model = transformers.FunnelForPreTraining(tconfig).to(self.dev).train()
+        self.model = torch.compile(model) if compile_ else model
+        kw = {"fused": True} if fused else {}
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **kw)
+
+    def _sync(self):
+        if self.dev == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _ctx(self):
+        import contextlib
+
+        if self.autocast:
+            return self.torch.autocast(self.dev, dtype=self.torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self, name):
+        model = self.fwd[name]
+
+        def run():
+            with self.torch.inference_mode(), self._ctx():
+                model(**self.inputs)
+            self._sync()
+
+        return run
+
+    def train(self):
+        def run():
+            self.opt.zero_grad(set_to_none=True)
+            with self._ctx():
+                loss = self.model(**self.inputs, labels=self.labels).loss
+            loss.backward()
+            self.opt.step()
+            self._sync()
+
+        return run
+
+
+def alternate(fns: dict, repeats: int, iters: int) -> dict:
+    """Warm each up, then time them in turn, `repeats` rounds; median seconds per call."""
+    for fn in fns.values():
+        fn()
+        fn()
+    samples = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            samples[k].append(timed(fn, iters))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def device_name() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        cpu = platform.processor() or platform.machine()
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return f"CPU ({os.cpu_count()} cores: {cpu})"
+    return getattr(d, "device_kind", d.platform)
+
+
+def versions() -> str:
+    import flax
+    import jax
+
+    parts = [f"jax {jax.__version__}", f"flax {flax.__version__}"]
+    try:
+        import torch
+        import transformers
+
+        parts += [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def run_scaling(config, lengths, dtype_name, plot_path, repeats=3):
+    """Forward time vs length: FunnelBaseModel vs the standard Transformer of equal depth."""
+    import jax
+    import jax.numpy as jnp
+
+    import funnel_jax as fj
+    from funnel_jax.flops import model_flops, standard_transformer
+
+    dt = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+    rows = []
+    std_config = standard_transformer(config)
+    for length in lengths:
+        row = {"seq_len": length}
+        for label, cfg in (("funnel", config), ("standard", std_config)):
+            module = fj.FunnelBaseModel(config=cfg, dtype=dt)
+            params = fj.init_params(module, jax.random.PRNGKey(0), seq_len=16)
+            ids = jnp.ones((1, length), jnp.int32)
+            f = jax.jit(lambda p, x, m=module: m.apply({"params": p}, x).last_hidden_state)
+            row[f"{label}_s"] = alternate(
+                {"x": lambda f=f, p=params: f(p, ids).block_until_ready()}, repeats, 1
+            )["x"]
+            row[f"{label}_flops"] = model_flops(cfg, 1, length, "base")
+        row["time_ratio"] = row["standard_s"] / row["funnel_s"]
+        row["flop_ratio"] = row["standard_flops"] / row["funnel_flops"]
+        row["efficiency"] = row["time_ratio"] / row["flop_ratio"]
+        rows.append(row)
+        print(
+            f"  L={length:5d}  funnel {row['funnel_s'] * 1e3:9.1f} ms  standard "
+            f"{row['standard_s'] * 1e3:9.1f} ms  time ratio {row['time_ratio']:.2f}  "
+            f"FLOP ratio {row['flop_ratio']:.2f}  -> {100 * row['efficiency']:.0f}%",
+            flush=True,
+        )
+    if plot_path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["seq_len"] for r in rows]
+        ax.plot(xs, [r["funnel_s"] * 1e3 for r in rows], "o-", label="Funnel (pooling)")
+        ax.plot(xs, [r["standard_s"] * 1e3 for r in rows], "s-", label="standard (no pooling)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("forward time, batch 1 (ms)")
+        ax.set_title(f"FunnelBaseModel forward, {device_name()}", fontsize=8)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=120)
+        print(f"plot: {plot_path}")
+    return rows
+
+
+def main(argv=None):
+    from funnel_jax.runtime import jemalloc_active, use_jemalloc
+
+    use_jemalloc()
+    args = parse_args(argv)
+    import jax
+
+    from funnel_jax.flops import model_flops, train_step_flops
+
+    config, config_name = load_config(args.config)
+    config = config.replace(remat_policy=args.remat, attention_impl=args.attention_impl)
+    b, length = args.batch_size, args.seq_len
+    only = set(args.only.split(","))
+    print(f"device: {device_name()}  ({versions()})", flush=True)
+    print(f"config {config_name}, batch {b}, length {length}, {args.dtype}", flush=True)
+    print(f"allocator: {'jemalloc' if jemalloc_active() else 'default'}", flush=True)
+    peak = matmul_peak(args.dtype)
+    print(f"matmul peak: {peak['peak'] / 1e9:.1f} GFLOP/s", flush=True)
+
+    jb = JaxBench(config, b, length, args.dtype)
+    tb = tbf = tbc = None
+    if not args.no_torch:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        tb = TorchBench(config, b, length, args.dtype)
+        tbf = TorchBench(config, b, length, args.dtype, fused=True) if "train" in only else None
+        if args.torch_compile:
+            try:
+                tbc = TorchBench(config, b, length, args.dtype, compile_=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"torch.compile unavailable: {e}")
+    results = []
+    tokens = b * length
+    if "forward" in only:
+        for name, kind in (("FunnelModel", "full"), ("FunnelBaseModel", "base")):
+            fns = {"jax": jb.forward(name)}
+            if tb:
+                fns["torch"] = tb.forward(name)
+            if tbc:
+                fns["torch.compile"] = tbc.forward(name)
+            times = alternate(fns, args.repeats, args.iters)
+            flops = model_flops(config, b, length, kind)
+            results.append((f"forward {name}", times, flops))
+    if "train" in only:
+        fns = {"jax": jb.train()}
+        if tb:
+            fns["torch"] = tb.train()
+            fns["torch fused AdamW"] = tbf.train()
+        if tbc:
+            fns["torch.compile"] = tbc.train()
+        times = alternate(fns, args.repeats, args.iters)
+        flops = train_step_flops(config, b, length, "pretraining")
+        results.append(("train step FunnelForPreTraining", times, flops))
+        xla = jb.compiled_flops()
+        if xla:
+            print(f"XLA cost analysis of the train step: {xla / 1e9:.1f} GFLOP "
+                  f"(analytic {flops / 1e9:.1f} GFLOP)")
+    if args.profile:
+        with jax.profiler.trace(args.profile):
+            for _ in range(3):
+                jb.train()()
+        print(f"profile trace written to {args.profile} (open with TensorBoard / Perfetto)")
+
+    lines = []
+    header = "| what | impl | ms / step | tokens/s | vs torch eager | MFU |"
+    lines += [header, "|---|---|---|---|---|---|"]
+    for what, times, flops in results:
+        for impl, t in times.items():
+            ratio = times["torch"] / t if "torch" in times else float("nan")
+            mfu = flops / t / peak["peak"]
+            lines.append(
+                f"| {what} | {impl} | {t * 1e3:.1f} | {tokens / t:,.0f} | {ratio:.2f}x | "
+                f"{100 * mfu:.0f}% |"
+            )
+    table = "\n".join(lines)
+    print(table)
+
+    scaling = None
+    if args.scaling:
+        print("scaling (FunnelBaseModel forward, batch 1):", flush=True)
+        lengths = [int(x) for x in args.scaling_lengths.split(",")]
+        scaling = run_scaling(config, lengths, args.dtype, args.plot)
+
+    if args.output:
+        cmd = "python -m experiments.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(args.output, "a", encoding="utf-8") as f:
+            f.write(f"\n## {config_name}, batch {b}, length {length}, {args.dtype}\n\n")
+            f.write(f"- command: `{cmd.strip()}`\n- device: {device_name()}\n")
+            f.write(f"- versions: {versions()}\n")
+            f.write(f"- allocator: {'jemalloc (preloaded by the entry point)' if jemalloc_active() else 'default'}\n")
+            f.write(f"- matmul peak measured in the same run: {peak['peak'] / 1e9:.1f} GFLOP/s\n")
+            f.write(f"- medians of {args.repeats} alternating rounds of {args.iters} steps\n\n")
+            f.write(table + "\n")
+            if scaling:
+                f.write("\nFunnel vs standard Transformer (same width and depth, no pooling), "
+                        "FunnelBaseModel forward, batch 1:\n\n")
+                f.write("| length | funnel ms | standard ms | time ratio | FLOP ratio | "
+                        "time/FLOP ratio |\n|---|---|---|---|---|---|\n")
+                for r in scaling:
+                    f.write(f"| {r['seq_len']} | {r['funnel_s'] * 1e3:.1f} | "
+                            f"{r['standard_s'] * 1e3:.1f} | {r['time_ratio']:.2f} | "
+                            f"{r['flop_ratio']:.2f} | {100 * r['efficiency']:.0f}% |\n")
+        print(f"appended to {args.output}")
+    return {"results": results, "peak": peak, "scaling": scaling}
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()
+
