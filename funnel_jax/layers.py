@@ -200,7 +200,36 @@ def relative_shift(scores: Array, context_len: int, shift: int) -> Array:
     return scores[..., :context_len]
 
 
+class Einsum(nn.Module):
+    """A projection `einsum(eq, x, kernel) (+ bias)` with named, logically partitioned params."""
+
+    eq: str
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    std: float
+    bias_shape: tuple[int, ...] | None = None
+    bias_axes: tuple[str, ...] = ()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.with_logical_partitioning(jax.nn.initializers.normal(self.std), self.kernel_axes)
+        kernel = self.param("kernel", init, self.kernel_shape, self.param_dtype)
+        y = jnp.einsum(self.eq, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.bias_shape is None:
+            return y
+        bias = self.param("bias", zeros_init(self.bias_axes), self.bias_shape, self.param_dtype)
+        return y, bias.astype(self.dtype)
+
+
 class FunnelRelMultiheadAttention(nn.Module):
+    """Relative multi-head attention with the token-type term, computed head-major.
+
+    Heads lead ([B, N, S, H]) so that every score is one batched matmul per head with the batch
+    folded into its rows, and the relative shift is a reshape of contiguous [S, R] blocks.
+    """
+
     config: FunnelConfig
     block_index: int
     dtype: Dtype = jnp.float32
@@ -220,77 +249,101 @@ class FunnelRelMultiheadAttention(nn.Module):
         n, h, d = cfg.n_head, cfg.d_head, cfg.d_model
         scale = 1.0 / (h**0.5)
         dt, pdt = self.dtype, self.param_dtype
-
-        def head_proj(name, bias):
-            return nn.DenseGeneral(
-                (n, h),
-                use_bias=bias,
-                dtype=dt,
-                param_dtype=pdt,
-                kernel_init=linear_init(cfg, d, n * h, ("embed", "heads", "kv")),
-                bias_init=zeros_init(("heads", "kv")),
-                name=name,
-            )
+        std = linear_std(cfg, d, n * h)
+        proj = dict(kernel_shape=(d, n, h), kernel_axes=("embed", "heads", "kv"), std=std)
+        kw = dict(dtype=dt, param_dtype=pdt)
 
         def param(name, shape, axes):
             p = self.param(name, uniform_init(cfg.initializer_range, axes), shape, pdt)
             return p.astype(dt)
 
-        q = head_proj("q_head", False)(query) * scale  # BSNH
-        k = head_proj("k_head", True)(key_value)  # BTNH
-        v = head_proj("v_head", True)(key_value)  # BTNH
+        q = Einsum("BSD,DNH->BNSH", **proj, name="q_head", **kw)(query) * scale
+        k, k_bias = Einsum(
+            "BTD,DNH->BNTH",
+            **proj,
+            bias_shape=(n, h),
+            bias_axes=("heads", "kv"),
+            name="k_head",
+            **kw,
+        )(key_value)
+        v, v_bias = Einsum(
+            "BTD,DNH->BNTH",
+            **proj,
+            bias_shape=(n, h),
+            bias_axes=("heads", "kv"),
+            name="v_head",
+            **kw,
+        )(key_value)
+        k = k + k_bias[:, None, :]
+        v = v + v_bias[:, None, :]
         r_w_bias = param("r_w_bias", (n, h), ("heads", "kv"))
         r_r_bias = param("r_r_bias", (n, h), ("heads", "kv"))
         r_kernel = param("r_kernel", (d, n, h), ("embed", "heads", "kv"))
         r_s_bias = param("r_s_bias", (n, h), ("heads", "kv"))
         seg_embed = param("seg_embed", (2, n, h), ("segment", "heads", "kv"))
 
+        def shifted(bias):  # q + bias * scale, bias [N, H]
+            return q + (bias * scale)[:, None, :]
+
         context_len = key_value.shape[1]
-        content = jnp.einsum("BSNH,BTNH->BNST", q + r_w_bias * scale, k)
-        positional = self._positional(inputs.position, q + r_r_bias * scale, r_kernel, context_len)
+        positional = self._positional(inputs.position, shifted(r_r_bias), r_kernel, context_len)
         # Token type: seg_embed[1] for the same segment (or <cls>), seg_embed[0] otherwise.
-        tt_bias = jnp.einsum("BSNH,KNH->BNSK", q + r_s_bias * scale, seg_embed)
+        tt_bias = jnp.einsum("BNSH,KNH->BNSK", shifted(r_s_bias), seg_embed)
         token_type = jnp.where(
             inputs.token_type_mat[:, None], tt_bias[..., 1:2], tt_bias[..., 0:1]
         )  # BNST
+        bias = positional + token_type
         if inputs.cls_mask is not None:
-            positional = positional * inputs.cls_mask.astype(dt)
-            token_type = token_type * inputs.cls_mask.astype(dt)
-
-        score = (content + positional + token_type).astype(jnp.float32)
+            bias = bias * inputs.cls_mask.astype(dt)
         mask = inputs.attention_mask.astype(jnp.float32)[:, None, None, :]
-        score = score - structure.MASK_INF * (1.0 - mask)
-        prob = checkpoint_name(jax.nn.softmax(score, axis=-1).astype(dt), "attention_probs")
-        prob = nn.Dropout(cfg.attention_dropout)(prob, deterministic=deterministic)
+        mask_bias = -structure.MASK_INF * (1.0 - mask)
 
-        attn = jnp.einsum("BNST,BTNH->BSNH", prob, v)
-        out = nn.DenseGeneral(
-            d,
-            axis=(-2, -1),
-            dtype=dt,
-            param_dtype=pdt,
-            kernel_init=linear_init(cfg, n * h, d, ("heads", "kv", "embed")),
-            bias_init=zeros_init(("embed",)),
+        fused = cfg.attention_impl == "fused_bias" and not output_attentions
+        if fused and (deterministic or cfg.attention_dropout == 0.0):
+            # softmax((q + r_w_bias) k^T + bias) v in one fused call (cuDNN on GPU).
+            attn = jax.nn.dot_product_attention(
+                shifted(r_w_bias).transpose(0, 2, 1, 3),
+                k.transpose(0, 2, 1, 3),
+                v.transpose(0, 2, 1, 3),
+                bias=(bias.astype(jnp.float32) + mask_bias).astype(dt),
+                scale=1.0,
+            ).transpose(0, 2, 1, 3)  # BNSH
+            prob = None
+        else:
+            content = jnp.einsum("BNSH,BNTH->BNST", shifted(r_w_bias), k)
+            score = (content + bias).astype(jnp.float32) + mask_bias
+            prob = checkpoint_name(jax.nn.softmax(score, axis=-1).astype(dt), "attention_probs")
+            prob = nn.Dropout(cfg.attention_dropout)(prob, deterministic=deterministic)
+            attn = jnp.einsum("BNST,BNTH->BNSH", prob, v)
+
+        out, out_bias = Einsum(
+            "BNSH,NHD->BSD",
+            kernel_shape=(n, h, d),
+            kernel_axes=("heads", "kv", "embed"),
+            std=linear_std(cfg, n * h, d),
+            bias_shape=(d,),
+            bias_axes=("embed",),
             name="post_proj",
+            **kw,
         )(attn)
-        out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+        out = nn.Dropout(cfg.hidden_dropout)(out + out_bias, deterministic=deterministic)
         residual = query.astype(jnp.float32) + out.astype(jnp.float32)
         out = LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm")(residual)
         return out, (prob if output_attentions else None)
 
     def _positional(self, position, q_r: Array, r_kernel: Array, context_len: int) -> Array:
-        """Positional score [B, N, S, T]; q_r = scaled query + r_r_bias * scale, [B, S, N, H]."""
+        """Positional score [B, N, S, T]; q_r = scaled query + r_r_bias * scale, [B, N, S, H]."""
         dt = self.dtype
         if self.config.attention_type == "factorized":
             phi, pi, psi, omega = (p.astype(dt) for p in position)
-            q_r_att = jnp.einsum("BSNH,DNH->BSND", q_r, r_kernel)
-            return jnp.einsum("BSND,TD->BNST", q_r_att * phi[:, None], psi) + jnp.einsum(
-                "BSND,TD->BNST", q_r_att * pi[:, None], omega
+            q_r_att = jnp.einsum("BNSH,DNH->BNSD", q_r, r_kernel)
+            return jnp.einsum("BNSD,TD->BNST", q_r_att * phi, psi) + jnp.einsum(
+                "BNSD,TD->BNST", q_r_att * pi, omega
             )
         (r,) = position
-        shift = 2 if q_r.shape[1] != context_len else 1
-        r_head = jnp.einsum("RD,DNH->RNH", r.astype(dt), r_kernel)
-        scores = jnp.einsum("BSNH,RNH->BNSR", q_r, r_head)
+        shift = 2 if q_r.shape[2] != context_len else 1
+        r_head = jnp.einsum("RD,DNH->NRH", r.astype(dt), r_kernel)  # once per head, no batch
+        scores = jnp.einsum("BNSH,NRH->BNSR", q_r, r_head)
         return relative_shift(scores, context_len, shift)
 
 
@@ -467,7 +520,8 @@ def upsample(x: Array, stride: int, target_len: int, separate_cls: bool, truncat
         return x
     if separate_cls:
         cls, x = x[:, :1], x[:, 1:]
-    out = jnp.repeat(x, stride, axis=1, total_repeat_length=x.shape[1] * stride)
+    b, n, d = x.shape  # repeat by broadcasting: no gather in the compiled program
+    out = jnp.broadcast_to(x[:, :, None, :], (b, n, stride, d)).reshape(b, n * stride, d)
     if separate_cls:
         if truncate_seq:
             out = jnp.pad(out, ((0, 0), (0, stride - 1), (0, 0)))

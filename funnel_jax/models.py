@@ -458,8 +458,8 @@ def dummy_inputs(module: nn.Module, batch: int = 1, seq_len: int | None = None):
 
 def init_params(module: nn.Module, rng: jax.Array, seq_len: int | None = None, unbox=True):
     """Fresh parameters with the reference's initial distributions (plain arrays by default)."""
-    variables = module.init({"params": rng}, dummy_inputs(module, seq_len=seq_len))
-    params = variables["params"]
+    ids = dummy_inputs(module, seq_len=seq_len)
+    params = jax.jit(lambda r: module.init({"params": r}, ids)["params"])(rng)
     return nn.meta.unbox(params) if unbox else params
 
 

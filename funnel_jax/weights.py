@@ -182,7 +182,12 @@ def state_dict_to_params(
                 f"{tuple(want.shape)})"
             )
             continue
-        converted[path] = torch_to_flax_tensor(path, np.asarray(value), config)
+        # Cast to a device array right away so that each numpy intermediate is freed at once:
+        # peak memory stays near the checkpoint plus the params.
+        converted[path] = jax.numpy.asarray(
+            torch_to_flax_tensor(path, np.asarray(value), config),
+            dtype=want.dtype if dtype is None else dtype,
+        )
 
     missing = [p for p in expected if p not in converted]
     head_missing = [p for p in missing if _is_head_path(p)]
@@ -210,17 +215,15 @@ def state_dict_to_params(
     if head_missing:
         fresh = flatten_dict(init_params(module, rng if rng is not None else jax.random.PRNGKey(0)))
         for p in head_missing:
-            converted[p] = np.asarray(fresh[p])
+            converted[p] = fresh[p]
         logger.warning(
             "newly initialised (not in the checkpoint): %s",
             ", ".join(f"{'/'.join(p)} {tuple(expected[p].shape)}" for p in head_missing),
         )
-    target_dtype = dtype
-    out = {}
-    for path, arr in converted.items():
-        want = expected[path].dtype if target_dtype is None else target_dtype
-        out[path] = jax.numpy.asarray(arr, dtype=want)
-    return unflatten_dict(out)
+    for path in head_missing:
+        want = expected[path].dtype if dtype is None else dtype
+        converted[path] = jax.numpy.asarray(converted[path], dtype=want)
+    return unflatten_dict(converted)
 
 
 def _is_head_path(path: tuple[str, ...]) -> bool:

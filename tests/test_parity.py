@@ -67,6 +67,12 @@ GRID = {
     "silu_three_decoder_layers": dict(
         hidden_act="silu", num_decoder_layers=3, block_sizes=[1, 1, 1]
     ),
+    # Implementation options of this project: the maths must not change.
+    "fused_bias_attention": dict(attention_impl="fused_bias"),
+    "fused_bias_factorized_one_hot": dict(
+        attention_impl="fused_bias", attention_type="factorized", one_hot_embeddings=True
+    ),
+    "remat_dots": dict(remat_policy="dots"),
 }
 
 
@@ -153,6 +159,10 @@ HEADS = [
     ("FunnelForQuestionAnswering", dict(separate_cls=False), None),
     ("FunnelModel", {}, None),  # gradient of a scalar of the output, no loss of its own
     ("FunnelBaseModel", dict(block_repeats=[1, 2, 1]), None),
+    # Implementation options, gradients included.
+    ("FunnelForPreTraining", dict(remat_policy="full", attention_impl="fused_bias"), None),
+    ("FunnelForMaskedLM", dict(remat_policy="attention_scores", one_hot_embeddings=True), None),
+    ("FunnelForSequenceClassification", dict(remat_policy="dots_no_batch"), None),
 ]
 
 
