@@ -211,7 +211,9 @@ def state_dict_to_params(
             f"checkpoint does not match {type(module).__name__}: " + " | ".join(problems)
         )
     if dropped:
-        logger.info("ignored %d checkpoint tensors not used by %s", len(dropped), type(module).__name__)
+        logger.info(
+            "ignored %d checkpoint tensors not used by %s", len(dropped), type(module).__name__
+        )
     if head_missing:
         fresh = flatten_dict(init_params(module, rng if rng is not None else jax.random.PRNGKey(0)))
         for p in head_missing:
@@ -310,7 +312,9 @@ def resolve_model_class(config: FunnelConfig, model_class=None):
     return model_class
 
 
-def from_pretrained(path, model_class=None, dtype=None, param_dtype=None, rng=None, **config_overrides):
+def from_pretrained(
+    path, model_class=None, dtype=None, param_dtype=None, rng=None, **config_overrides
+):
     """Load `(module, params)` from a directory.
 
     `path` is a `save_pretrained` directory (config.json + model.safetensors or a sharded set)
