@@ -1,0 +1,156 @@
+"""Mesh checks run in a subprocess with 8 simulated CPU devices (see tests/test_mesh.py).
+
+For each mesh, one training step must give the loss and updated parameters of a single device,
+and the parameters must be sharded as the logical-axis rules say. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import funnel_jax as fj  # noqa: E402
+from funnel_jax import losses, sharding  # noqa: E402
+from funnel_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
+from funnel_jax.train_state import TrainState, jit_train_step, make_train_step  # noqa: E402
+
+MESHES = {
+    "data": "data=8",
+    "fsdp": "fsdp=8",
+    "tensor": "data=4,tensor=2",
+    "mixed": "data=2,fsdp=2,tensor=2",
+}
+
+
+def setup():
+    config = fj.FunnelConfig(
+        vocab_size=64,
+        block_sizes=[1, 1, 1],
+        d_model=32,
+        n_head=4,
+        d_head=8,
+        d_inner=64,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+    )
+    module = fj.FunnelForPreTraining(config=config)
+    tx = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10, weight_decay=0.01))
+
+    def loss_fn(params, batch, rng):
+        out = module.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+            deterministic=False,
+            rngs={"dropout": rng},
+        )
+        loss = losses.discriminator_loss(out.logits, batch["labels"], batch["attention_mask"])
+        return loss, {}
+
+    def init():
+        return TrainState.create(fj.init_params(module, jax.random.PRNGKey(0)), tx, 1)
+
+    rng = np.random.RandomState(0)
+    batch = {
+        "input_ids": rng.randint(0, 64, (8, 16)).astype(np.int32),
+        "attention_mask": np.ones((8, 16), np.int32),
+        "token_type_ids": np.zeros((8, 16), np.int32),
+        "labels": rng.randint(0, 2, (8, 16)).astype(np.int32),
+    }
+    batch["attention_mask"][3, 12:] = 0
+    return module, init, make_train_step(loss_fn, tx), batch
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    module, init, train_step, batch = setup()
+    single_state, single_metrics = jax.jit(train_step)(init(), batch)
+    single_params = jax.tree.map(np.asarray, single_state.params)
+    report = {"devices": jax.device_count()}
+    for name, spec in MESHES.items():
+        mesh = sharding.make_mesh(spec)
+        state, state_sh = sharding.create_sharded_state(init, module, mesh)
+        with sharding.use_mesh(mesh):
+            step = jit_train_step(train_step, shardings=(state_sh, sharding.batch_sharding(mesh)))
+            new_state, metrics = step(state, sharding.shard_batch(batch, mesh))
+        diff = max(
+            float(np.max(np.abs(np.asarray(a) - b)))
+            for a, b in zip(
+                jax.tree.leaves(new_state.params), jax.tree.leaves(single_params), strict=True
+            )
+        )
+        emb = new_state.params["funnel"]["embeddings"]["word_embeddings"]["embedding"]
+        ffn = new_state.params["funnel"]["encoder"]["blocks_0_0"]["ffn"]["linear_1"]["kernel"]
+        q = new_state.params["funnel"]["encoder"]["blocks_0_0"]["attention"]["q_head"]["kernel"]
+        mu = jax.tree.leaves(new_state.opt_state)
+        emb_mu = [x for x in mu if getattr(x, "shape", None) == emb.shape]
+        report[name] = {
+            "mesh": dict(mesh.shape),
+            "loss": float(metrics["loss"]),
+            "single_loss": float(single_metrics["loss"]),
+            "max_param_diff": diff,
+            "embedding_spec": str(emb.sharding.spec),
+            "ffn_spec": str(ffn.sharding.spec),
+            "q_spec": str(q.sharding.spec),
+            "embedding_shard_shape": list(emb.addressable_shards[0].data.shape),
+            "opt_state_embedding_specs": sorted({str(x.sharding.spec) for x in emb_mu}),
+            "expected": {
+                "embedding_spec": str(P("tensor", "fsdp")),
+                "ffn_spec": str(P("fsdp", "tensor")),
+                "q_spec": str(P("fsdp", "tensor", None)),
+            },
+        }
+        if name == "mixed":
+            report["restore"] = restore_elsewhere(new_state, module, init)
+    print("RESULT " + json.dumps(report))
+
+
+def restore_elsewhere(saved_state, module, init):
+    """Save the 8-device state, restore it onto a 4-device and a 1-device mesh."""
+    import tempfile
+
+    from funnel_jax.checkpoint import TrainCheckpointer
+
+    out = {}
+    expected = jax.tree.map(np.asarray, saved_state)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = TrainCheckpointer(tmp, keep=2)
+        ckpt.save(1, saved_state, extra={"data_position": 5})
+        ckpt.wait()
+        for label, devices in (("4 devices", jax.devices()[:4]), ("1 device", jax.devices()[:1])):
+            mesh = sharding.make_mesh("fsdp=-1", devices=devices)
+            abstract = jax.eval_shape(init)
+            shardings = sharding.tree_shardings_like_params(
+                abstract, sharding.param_shardings(module, mesh), mesh
+            )
+            target = jax.tree.map(
+                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                abstract,
+                shardings,
+            )
+            state, extra = ckpt.restore(None, target)
+            same = all(
+                np.array_equal(np.asarray(a), b)
+                for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True)
+            )
+            emb = state.params["funnel"]["embeddings"]["word_embeddings"]["embedding"]
+            out[label] = {
+                "equal": bool(same),
+                "extra": extra,
+                "devices": len(emb.sharding.device_set),
+            }
+        ckpt.close()
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
