@@ -266,8 +266,11 @@ def load_model_dir(
     dtype=None,
     param_dtype=None,
     rng: jax.Array | None = None,
+    **config_overrides,
 ):
     """Load `(module, params)` from a `save_model_dir` directory.
+
+    `config_overrides` replace config fields (e.g. `num_labels=3` for a fresh head).
 
     The class comes from config.json's `architectures` unless `model_class` (a name or class)
     is given; loading into another class follows `weights.state_dict_to_params` exactly (decoder
@@ -279,6 +282,9 @@ def load_model_dir(
     path = Path(path)
     config = weights.load_config(path)
     saved_cls = weights.resolve_model_class(config)
+    saved_config = config
+    if config_overrides:
+        config = config.replace(**config_overrides)
     cls = weights.resolve_model_class(config, model_class)
     params_dir = (path / PARAMS_DIR).absolute()
     stored = _read_params_metadata(params_dir)
@@ -309,7 +315,7 @@ def load_model_dir(
     # Another class: restore as numpy, then apply the state-dict rules of weights.py.
     target = unflatten_dict({p: jax.ShapeDtypeStruct(s, d) for p, (s, d) in stored.items()})
     restored = _restore_params(params_dir, target)
-    saved_module = saved_cls(config=config)
+    saved_module = saved_cls(config=saved_config)
     state_dict = weights.params_to_state_dict(restored, saved_module)
     del restored
     try:

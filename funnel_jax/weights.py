@@ -329,7 +329,12 @@ def from_pretrained(
 
     if checkpoint.is_orbax_model_dir(path):
         return checkpoint.load_model_dir(
-            path, model_class=model_class, dtype=dtype, param_dtype=param_dtype, rng=rng
+            path,
+            model_class=model_class,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rng=rng,
+            **config_overrides,
         )
     config = load_config(path)
     if config_overrides:
