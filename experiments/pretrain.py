@@ -58,6 +58,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     "random_next_prob": 0.5,
     "eval_fraction": 0.05,  # documents held out for evaluation
     "eval_batches": 8,
+    # Data shards (None: one per process). Global batches depend only on this number, so a
+    # run with num_shards=N gives the same batches on 1 process or on any divisor of N.
+    "num_shards": None,
 }
 TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 300,
@@ -67,6 +70,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "save_every": 100,
     "keep_checkpoints": 3,
     "eval_every": 0,  # 0: evaluate at the start and the end only
+    "max_consecutive_skips": 10,  # stop after this many non-finite steps in a row
 }
 # Settings a restart may change without breaking the bit-identical resume.
 RESTART_MAY_CHANGE = {
@@ -74,6 +78,7 @@ RESTART_MAY_CHANGE = {
     ("train", "save_every"),
     ("train", "keep_checkpoints"),
     ("train", "eval_every"),
+    ("train", "max_consecutive_skips"),
 }
 
 
@@ -118,6 +123,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step"
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1: the rest of the devices); default: "
+        "data parallel over every device when there are several, none on one device",
+    )
+    p.add_argument("--coordinator-address", default=None, help="jax.distributed coordinator")
+    p.add_argument("--num-processes", type=int, default=None, help="jax.distributed processes")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index")
     p.add_argument(
         "--compile-cache",
         default=os.environ.get("FUNNEL_JAX_COMPILE_CACHE", "~/.cache/funnel_jax/xla"),
@@ -220,6 +234,9 @@ def load_run_config(args: argparse.Namespace) -> dict:
         model = {**base, **model}
     cfg["model"] = model
     _check_config(cfg)
+    from funnel_jax import validation
+
+    validation.check_pretrain_settings(cfg)  # cross-section contradictions
     cfg["_config_file"] = str(path)
     return cfg
 
@@ -294,7 +311,22 @@ def _config_diff(saved: dict, now: dict) -> list[str]:
 # --------------------------------------------------------------------------- helpers
 
 
+def _is_main() -> bool:
+    """Process 0 writes logs, plots and exports (every process saves checkpoints)."""
+    return "jax" not in sys.modules or sys.modules["jax"].process_index() == 0
+
+
+class _NullLog:
+    def write(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _write_json(path: Path, obj) -> None:
+    if not _is_main():
+        return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -325,17 +357,33 @@ def _get_tokenizer(cfg: dict, args, out_dir: Path, documents_fn):
         if not src.is_dir():
             raise FileNotFoundError(f"--tokenizer directory not found: {src}")
         tok = FunnelTokenizer.from_pretrained(src)
-        if not (tok_dir / "tokenizer.json").is_file():
+        if not (tok_dir / "tokenizer.json").is_file() and _is_main():
             tok.save_pretrained(tok_dir)
         return tok, tok_dir, False
     if (tok_dir / "tokenizer.json").is_file():
         return FunnelTokenizer.from_pretrained(tok_dir), tok_dir, False
-    docs = documents_fn()
-    tok = FunnelTokenizer.train(
-        iter(docs), vocab_size=cfg["data"]["vocab_size"], lowercase=cfg["data"]["lowercase"]
-    )
+    import jax
+
+    if jax.process_count() > 1:
+        # Training a vocabulary is not bit-reproducible (tokenizers' trainer): process 0 trains
+        # it, the others wait and read the same files (a shared output directory).
+        from jax.experimental import multihost_utils
+
+        if _is_main():
+            _train_tokenizer(cfg, documents_fn()).save_pretrained(tok_dir)
+        multihost_utils.sync_global_devices("funnel_jax tokenizer")
+        return FunnelTokenizer.from_pretrained(tok_dir), tok_dir, True
+    tok = _train_tokenizer(cfg, documents_fn())
     tok.save_pretrained(tok_dir)
     return tok, tok_dir, True
+
+
+def _train_tokenizer(cfg: dict, docs):
+    from funnel_jax.tokenizer import FunnelTokenizer
+
+    return FunnelTokenizer.train(
+        iter(docs), vocab_size=cfg["data"]["vocab_size"], lowercase=cfg["data"]["lowercase"]
+    )
 
 
 def resolve_settings(cfg: dict, tok):
@@ -426,7 +474,7 @@ def _build(model_cfg, objective_cfg, opt_cfg, special, seq_len, dtype_name, tota
         k_init, k_train = jax.random.split(key)
         return TrainState.create(objective.init(k_init), tx, k_train)
 
-    return objective, tx, train_step, eval_step, init_state
+    return objective, tx, train_step, eval_step, init_state, step_fn
 
 
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
@@ -570,11 +618,16 @@ def run(argv: list[str] | None = None) -> dict:
     """
     t_start = time.time()
     args = parse_args(argv)
+    from funnel_jax import sharding
+
+    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     cfg = load_run_config(args)
     cfg["corpus"] = [str(Path(p).absolute()) for p in args.corpus] if args.corpus else None
     cfg["tokenizer"] = str(Path(args.tokenizer).absolute()) if args.tokenizer else None
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from funnel_jax import preemption, validation
+
+    validation.check_output_dir(out_dir)  # created, and writable
 
     run_config_path = out_dir / "run_config.json"
     if run_config_path.exists():
@@ -594,14 +647,17 @@ def run(argv: list[str] | None = None) -> dict:
     _write_json(run_config_path, cfg)
 
     _enable_compile_cache(args.compile_cache)
+    import flax.linen as nn
     import jax
     import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from funnel_jax import data as data_lib
     from funnel_jax.checkpoint import TrainCheckpointer, save_model_dir
     from funnel_jax.electra import evaluate
-    from funnel_jax.train_state import abstract_train_state
+    from funnel_jax.train_state import abstract_train_state, jit_train_step
 
+    is_main = jax.process_index() == 0
     dcfg, tcfg = cfg["data"], cfg["train"]
     steps, seed = tcfg["steps"], tcfg["seed"]
     stop_at = steps if args.stop_after is None else min(args.stop_after, steps)
@@ -620,55 +676,94 @@ def run(argv: list[str] | None = None) -> dict:
     model_cfg, objective_cfg, opt_cfg, total_steps = resolve_settings(cfg, tok)
     seq_len, batch_size = dcfg["seq_len"], dcfg["batch_size"]
 
-    # Held-out documents, then this process's share of each split: only that is tokenized.
+    # Held-out documents; the data is split into data.num_shards shards (default: one per
+    # process) and this process tokenizes and packs only its own shards (data.ShardedBatches).
     train_raw, eval_raw = data_lib.split_documents(documents(), dcfg["eval_fraction"], seed=0)
     if not eval_raw:
         raise ConfigError("the corpus has a single document; it cannot hold out an eval set")
     pi, pc = jax.process_index(), jax.process_count()
-    train_docs, eval_docs = (
-        data_lib.tokenize_documents(tok, raw[pi::pc], vocab_size=model_cfg.vocab_size)
-        for raw in (train_raw, eval_raw)
-    )
-    if not train_docs or not eval_docs:
-        raise ConfigError(f"process {pi} of {pc} got no text after tokenization")
+    num_shards = int(dcfg.get("num_shards") or pc)
+
+    def shard_docs(raw):
+        def docs(s):
+            out = data_lib.tokenize_documents(
+                tok, raw[s::num_shards], vocab_size=model_cfg.vocab_size
+            )
+            if not out:
+                raise ConfigError(f"data shard {s} of {num_shards} got no text after tokenization")
+            return out
+
+        return docs
+
     pack_kw = dict(
         seq_len=seq_len,
         special=special,
         truncate_stride=data_lib.truncation_stride(model_cfg),
         random_next_prob=dcfg["random_next_prob"],
+        num_shards=num_shards,
+        global_batch=batch_size,
         process_index=pi,
         process_count=pc,
-        sharded=True,
-    )
-    if batch_size % jax.process_count():
-        raise ConfigError(
-            f"data.batch_size={batch_size} must be a multiple of the number of processes "
-            f"({jax.process_count()})"
-        )
-    host_batch = batch_size // jax.process_count()
-    train_data = data_lib.PackedBatches(train_docs, batch_size=host_batch, seed=seed, **pack_kw)
-    eval_data = data_lib.PackedBatches(
-        eval_docs, batch_size=host_batch, seed=12345, shuffle=False, **pack_kw
     )
     try:
+        train_data = data_lib.ShardedBatches(shard_docs(train_raw), seed=seed, **pack_kw)
+        eval_data = data_lib.ShardedBatches(
+            shard_docs(eval_raw), seed=12345, shuffle=False, **pack_kw
+        )
         eval_batches = eval_data.take(dcfg["eval_batches"])
     except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(
-            f"held-out set too small: {e}; raise data.eval_fraction or lower data.batch_size"
+            f"{e}; for the held-out set raise data.eval_fraction or lower data.batch_size"
         ) from None
 
-    objective, tx, train_step, eval_step, init_state = _build(
+    objective, tx, train_step, eval_step, init_state, step_fn = _build(
         model_cfg, objective_cfg, opt_cfg, special, seq_len, tcfg["dtype"], total_steps
     )
     eval_rng = jax.random.PRNGKey(seed + 1)
 
+    # Device mesh: none on a single device (plain jit); otherwise params, optimizer state and
+    # batches are sharded by the logical-axis rules (funnel_jax/sharding.py).
+    mesh = None
+    if args.mesh or jax.device_count() > 1:
+        mesh = sharding.make_mesh(args.mesh)
+        sharding.check_divisible(batch_size, mesh)
+        boxed = jax.eval_shape(lambda: objective.init(jax.random.PRNGKey(0), unbox=False))
+        params_sh = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+        abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(seed))
+        state_sh = sharding.tree_shardings_like_params(abstract_state, params_sh, mesh)
+        with sharding.use_mesh(mesh):
+            train_step = jit_train_step(
+                step_fn, shardings=(state_sh, sharding.batch_sharding(mesh))
+            )
+            replicated = NamedSharding(mesh, PartitionSpec())
+            eval_step = jax.jit(objective.eval_step, out_shardings=replicated)
+        eval_batches = [sharding.shard_batch(b, mesh) for b in eval_batches]
+        print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {pc} process(es)")
+
+    def put_batch(b):
+        return b if mesh is None else sharding.shard_batch(b, mesh)
+
+    if is_main:  # unfinished checkpoint / export dirs of a killed run (never read anyway)
+        preemption.remove_leftovers(out_dir)
     ckpt = TrainCheckpointer(out_dir / "checkpoints", keep=tcfg["keep_checkpoints"])
     start_step = ckpt.latest_step()
     if start_step is not None:
         abstract = abstract_train_state(objective.abstract_params(), tx)
+        if mesh is not None:
+            abstract = jax.tree.map(
+                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                abstract,
+                state_sh,
+            )
         state, extra = ckpt.restore(start_step, abstract)
         train_data.restore(extra["data"])
-        print(f"resuming from the checkpoint of step {start_step} in {out_dir / 'checkpoints'}")
+        if is_main:
+            print(f"resuming from the checkpoint of step {start_step} in {out_dir / 'checkpoints'}")
+    elif mesh is not None:
+        with sharding.use_mesh(mesh):
+            state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(seed))
     else:
         # Committed to the device like a restored state, so that both use one compiled step.
         state = jax.device_put(init_state(jax.random.PRNGKey(seed)), jax.devices()[0])
@@ -678,7 +773,7 @@ def run(argv: list[str] | None = None) -> dict:
     n_export = int(sum(np.prod(x.shape) for x in jax.tree.leaves(export_params)))
     del export_params
 
-    log = MetricsLog(out_dir, start_step, steps)
+    log = MetricsLog(out_dir, start_step, steps) if is_main else _NullLog()
     start_eval_path = out_dir / "eval_start.json"
     if start_eval_path.exists():
         start_metrics = _load_json(start_eval_path)
@@ -695,37 +790,43 @@ def run(argv: list[str] | None = None) -> dict:
     )
 
     def save_checkpoint(st):
-        ckpt.save(int(st.step), st, extra={"data": train_data.state(), "step": int(st.step)})
+        with validation.checkpoint_write(ckpt.directory, int(st.step), ckpt.all_steps()):
+            ckpt.save(int(st.step), st, extra={"data": train_data.state(), "step": int(st.step)})
 
     from tqdm import tqdm
 
     bar = tqdm(
         total=steps,
         initial=start_step,
-        disable=args.no_progress,
+        disable=args.no_progress or not is_main,
         dynamic_ncols=True,
         desc=objective.name,
         unit="step",
     )
     pending: list = []
+    # SIGTERM/SIGINT: stop after the step in flight, with a checkpoint (funnel_jax/preemption.py)
+    stopper = preemption.PreemptionHandler(sync_every=tcfg["log_every"], verbose=is_main).install()
+    skip_guard = validation.SkipGuard(tcfg["max_consecutive_skips"])
     tokens_since, t_log = 0, time.time()
     train_tokens, train_time, compile_s = 0, 0.0, 0.0
     step = start_step
     try:
         while step < stop_at:
             batch = next(train_data)
-            tokens_since += int(batch["attention_mask"].sum())
-            state, metrics = train_step(state, batch)
+            tokens_since += int(batch["attention_mask"].sum()) * pc
+            state, metrics = train_step(state, put_batch(batch))
             step += 1
+            stop = stopper.should_stop(step)
             pending.append(metrics)
             bar.update(1)
             if step == start_step + 1:  # keep the compilation out of tokens/s
                 jax.block_until_ready(metrics)
                 compile_s = time.time() - t_log
                 tokens_since, t_log = 0, time.time()
-            if step % tcfg["log_every"] == 0 or step == stop_at:
+            if step % tcfg["log_every"] == 0 or step == stop_at or stop:
                 rows = jax.device_get(pending)
                 pending = []
+                skip_guard.update(step - len(rows) + 1, [r["skipped"] for r in rows])
                 mean = _mean_metrics(rows)
                 now = time.time()
                 if tokens_since:  # (none when only the first, compiling step ran)
@@ -752,6 +853,8 @@ def run(argv: list[str] | None = None) -> dict:
                 if do_save:
                     save_checkpoint(state)
                 t_log += time.time() - t_pause  # ... and the pause stays out of tokens/s
+            if stop:  # the checkpoint of `step` is saved below
+                break
     except KeyboardInterrupt:
         bar.close()
         try:  # `state` is the last completed step's (unless the interrupt hit mid-dispatch)
@@ -766,6 +869,8 @@ def run(argv: list[str] | None = None) -> dict:
             print(f"\ninterrupted; no checkpoint written ({e}); rerun to resume", file=sys.stderr)
         log.close()
         raise
+    finally:
+        stopper.uninstall()
     bar.close()
 
     if ckpt.latest_step() != step:
@@ -775,7 +880,8 @@ def run(argv: list[str] | None = None) -> dict:
         log.close()
         ckpt.close()
         print(f"stopped after step {step} of {steps}; rerun the command to resume")
-        return {"stopped_at": step, "steps": steps, "output_dir": str(out_dir)}
+        stopped = {"stopped_at": step, "steps": steps, "output_dir": str(out_dir)}
+        return {**stopped, "signal": stopper.signal_name}  # signal: None, "SIGTERM", "SIGINT"
 
     end_metrics = evaluate(eval_step, state.params, eval_batches, eval_rng)
     log.write(step, "eval", end_metrics)
@@ -784,8 +890,14 @@ def run(argv: list[str] | None = None) -> dict:
 
     module, export_params = objective.export(state.params)
     tok_files = sorted(str(p) for p in tok_dir.iterdir() if p.is_file())
-    save_model_dir(out_dir / "final", module, export_params, extra_files=tok_files, overwrite=True)
-    plot_losses(out_dir / "metrics.jsonl", out_dir / "loss_curves.png", objective.name)
+    if pc == 1:
+        save_model_dir(
+            out_dir / "final", module, export_params, extra_files=tok_files, overwrite=True
+        )
+    else:
+        _export_multiprocess(out_dir / "final", module, export_params, tok_files)
+    if is_main:
+        plot_losses(out_dir / "metrics.jsonl", out_dir / "loss_curves.png", objective.name)
 
     summary = {
         "objective": objective.name,
@@ -808,18 +920,41 @@ def run(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def _export_multiprocess(final_dir: Path, module, params, extra_files) -> None:
+    """Gather the sharded parameters from every process; process 0 writes a save_pretrained
+    directory (config.json + model.safetensors, which from_pretrained loads) atomically."""
+    import shutil
+
+    from jax.experimental import multihost_utils
+
+    from funnel_jax.weights import save_pretrained
+
+    host_params = multihost_utils.process_allgather(params, tiled=True)
+    if _is_main():
+        tmp = final_dir.with_name(final_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(module, host_params, tmp)
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(tmp, final_dir)
+    multihost_utils.sync_global_devices("funnel_jax final export")
+
+
 def main(argv=None) -> int:
     from funnel_jax import runtime
 
     runtime.use_jemalloc()
+    from funnel_jax import preemption, validation
+
     try:
-        run(argv)
-    except (ConfigError, FileNotFoundError) as e:
+        result = run(argv)
+    except (ConfigError, FileNotFoundError, *validation.user_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return preemption.exit_code_of(result)
 
 
 if __name__ == "__main__":

@@ -298,12 +298,17 @@ def load_model_dir(
     module = cls(config=config, dtype=compute_dtype, param_dtype=param_dtype)
     expected = flatten_dict(abstract_params(module))
 
+    # Restore onto this process's first device whatever topology saved it (e.g. a mesh).
+    _local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     same = set(expected) == set(stored) and all(
         tuple(expected[p].shape) == stored[p][0] for p in expected
     )
     if same:  # restore straight into the target dtype
         target = unflatten_dict(
-            {p: jax.ShapeDtypeStruct(s.shape, s.dtype) for p, s in expected.items()}
+            {
+                p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_local)
+                for p, s in expected.items()
+            }
         )
         host = flatten_dict(_restore_params(params_dir, target))
         # Uncommitted device arrays, as `weights.from_pretrained` gives; one tensor at a time.
@@ -313,7 +318,9 @@ def load_model_dir(
         return module, unflatten_dict(out)
 
     # Another class: restore as numpy, then apply the state-dict rules of weights.py.
-    target = unflatten_dict({p: jax.ShapeDtypeStruct(s, d) for p, (s, d) in stored.items()})
+    target = unflatten_dict(
+        {p: jax.ShapeDtypeStruct(s, d, sharding=_local) for p, (s, d) in stored.items()}
+    )
     restored = _restore_params(params_dir, target)
     saved_module = saved_cls(config=saved_config)
     state_dict = weights.params_to_state_dict(restored, saved_module)

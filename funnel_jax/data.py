@@ -606,6 +606,15 @@ class PackedBatches:
     def state(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "batch": self._batch, **self._fingerprint()}
 
+    def seek(self, num_batches: int) -> None:
+        """Position after `num_batches` batches from the start (packs each skipped epoch once
+        to learn its length, materialises no batch)."""
+        epoch = 0
+        while num_batches >= self.batches_per_epoch(epoch):
+            num_batches -= self.batches_per_epoch(epoch)
+            epoch += 1
+        self._epoch, self._batch = epoch, num_batches
+
     def restore(self, state: dict[str, Any]) -> None:
         expected = self._fingerprint()
         diff = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
@@ -613,3 +622,82 @@ class PackedBatches:
             details = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"the saved data position belongs to another data setup ({details})")
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+
+
+class ShardedBatches:
+    """A process's share of a global batch that does not depend on the number of processes.
+
+    The documents are split into `num_shards` data shards (`documents[s::num_shards]`); shard
+    `s` is a `PackedBatches` of `global_batch / num_shards` rows seeded by `s`, and the global
+    batch is the concatenation of all shards' batches in shard order. A process reads only its
+    shards (`num_shards / process_count` consecutive ones), so one process with every shard and
+    several processes with a share each see the same global batches: a run can move between
+    host counts, and a multi-host run equals a single-host one.
+
+    `state()` records how many batches were drawn plus the local shards' positions;
+    `restore()` uses a shard's saved position when present and otherwise skips ahead.
+    """
+
+    def __init__(
+        self,
+        documents_for_shard,
+        *,
+        num_shards: int,
+        global_batch: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        **packed_kwargs,
+    ):
+        if num_shards % process_count:
+            raise ValueError(
+                f"data.num_shards={num_shards} must be a multiple of the number of processes "
+                f"({process_count})"
+            )
+        if global_batch % num_shards:
+            raise ValueError(
+                f"the global batch size {global_batch} must be a multiple of "
+                f"data.num_shards={num_shards}"
+            )
+        per = num_shards // process_count
+        self.shard_ids = list(range(process_index * per, (process_index + 1) * per))
+        self.shards = [
+            PackedBatches(
+                documents_for_shard(s),
+                batch_size=global_batch // num_shards,
+                process_index=s,
+                process_count=num_shards,
+                sharded=True,
+                **packed_kwargs,
+            )
+            for s in self.shard_ids
+        ]
+        self.num_tokens = sum(p.num_tokens for p in self.shards)
+        self.drawn = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(p) for p in self.shards]
+        self.drawn += 1
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def take(self, n: int) -> list[dict[str, np.ndarray]]:
+        return [next(self) for _ in range(n)]
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "drawn": self.drawn,
+            "shards": {str(s): p.state() for s, p in zip(self.shard_ids, self.shards, strict=True)},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        saved = state.get("shards", {})
+        for s, p in zip(self.shard_ids, self.shards, strict=True):
+            if str(s) in saved:
+                p.restore(saved[str(s)])
+            else:  # another process saved this shard's position: skip ahead to it
+                p.seek(int(state["drawn"]))
+        self.drawn = int(state["drawn"])

@@ -579,7 +579,7 @@ def test_pretrain_few_steps_writes_everything_and_restart_is_a_no_op(small_run_i
         assert (d / "tokenizer.json").is_file() and (d / "vocab.txt").is_file()
     # The exported model is the discriminator of the last checkpoint.
     state, extra = pretrain.restore_state(out)
-    assert int(state.step) == 6 and extra["data"]["batch"] > 0
+    assert int(state.step) == 6 and extra["data"]["drawn"] == 6
     _, final_params = load_model_dir(out / "final")
     for a, b in zip(
         jax.tree.leaves(final_params), jax.tree.leaves(state.params["discriminator"]), strict=True
