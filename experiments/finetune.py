@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, type=kind, default=None, help=f"default: {DEFAULTS[key]}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-every", type=int, default=10, help="steps between loss updates")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1: the rest); default: data parallel "
+        "over every device when there are several",
+    )
     return p
 
 
@@ -469,6 +475,23 @@ def _pad_rows(arrays: dict, n: int) -> dict:
     return {k: np.concatenate([v, np.repeat(v[-1:], n - have, axis=0)]) for k, v in arrays.items()}
 
 
+def _mesh_setup(args, module, state, batch_size):
+    """(put_batch, state shardings, batch sharding) on a mesh, or None on one device."""
+    import jax
+
+    from funnel_jax import sharding
+
+    if not args.mesh and jax.device_count() == 1:
+        return None
+    mesh = sharding.make_mesh(args.mesh)
+    sharding.check_divisible(batch_size, mesh)
+    state_sh = sharding.tree_shardings_like_params(
+        state, sharding.param_shardings(module, mesh), mesh
+    )
+    print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices")
+    return (lambda b: sharding.shard_batch(b, mesh)), state_sh, sharding.batch_sharding(mesh)
+
+
 def predict(eval_fn, params, features, batch_size: int) -> dict:
     """Run the model over all features (the last batch padded); task outputs as numpy."""
     import jax
@@ -503,7 +526,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from funnel_jax import validation
+
+    validation.check_output_dir(out_dir)  # created, and writable
     stale = [out_dir / n for n in ("checkpoints", "best_model") if (out_dir / n).exists()]
     if stale and not overwrite:
         raise ConfigError(
@@ -713,6 +738,21 @@ def run(argv: list[str] | None = None) -> dict:
         )
         state = TrainState.create(params, tx, state_rng)
         del params
+        put_batch = _mesh_setup(args, module, state, batch_size)
+        if put_batch is not None:  # several devices: shard state and batches by the rules
+            put_batch, state_sh, batch_sh = put_batch
+            state = jax.device_put(state, state_sh)
+            step_fn = jit_train_step(
+                make_train_step(
+                    loss_fn,
+                    tx,
+                    grad_accum_steps=opt_cfg.grad_accum_steps,
+                    learning_rate_fn=learning_rate_schedule(opt_cfg),
+                ),
+                shardings=(state_sh, batch_sh),
+            )
+        else:
+            put_batch = lambda b: b  # noqa: E731
 
         from tqdm import tqdm
 
@@ -738,7 +778,7 @@ def run(argv: list[str] | None = None) -> dict:
                     break
                 idx = order[start : start + batch_size]
                 batch = {k: v[idx] for k, v in arrays.items()}
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, put_batch(batch))
                 step += 1
                 seen += batch_size
                 pending.append(metrics)
@@ -794,12 +834,14 @@ def main(argv=None) -> int:
 
     runtime.use_jemalloc()
     from funnel_jax.tasks import DataError, SettingsError
+    from funnel_jax.validation import user_errors
     from funnel_jax.weights import WeightsError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    errors = (ConfigError, DataError, SettingsError, WeightsError, FileNotFoundError)
     try:
         run(argv)
-    except (ConfigError, DataError, SettingsError, WeightsError, FileNotFoundError) as e:
+    except (*errors, *user_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

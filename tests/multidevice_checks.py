@@ -111,7 +111,43 @@ def main():
         }
         if name == "mixed":
             report["restore"] = restore_elsewhere(new_state, module, init)
+    report["finetune"] = finetune_on_mesh()
     print("RESULT " + json.dumps(report))
+
+
+def finetune_on_mesh():
+    """experiments.finetune on a mixed mesh: a learnable 2-class task (keyword present)."""
+    import random
+    import tempfile
+    from pathlib import Path
+
+    from experiments import finetune
+
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega rho".split()
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        for name, n in (("train.jsonl", 192), ("dev.jsonl", 64)):
+            with open(d / name, "w") as f:
+                for i in range(n):
+                    ws = [rng.choice(words) for _ in range(rng.randint(4, 8))]
+                    if i % 2:
+                        ws.insert(rng.randint(0, len(ws)), "great")
+                    f.write(json.dumps({"text": " ".join(ws), "label": str(i % 2)}) + "\n")
+        cfg = d / "tiny.json"
+        cfg.write_text(
+            json.dumps(
+                dict(block_sizes=[1, 1], num_decoder_layers=1, d_model=32, n_head=2, d_head=16,
+                     d_inner=64, hidden_dropout=0.0, attention_dropout=0.0)
+            )
+        )  # fmt: skip
+        argv = [
+            "--task", "classification", "--data-dir", str(d), "--model-config", str(cfg),
+            "--output-dir", str(d / "out"), "--epochs", "4", "--max-seq-length", "32",
+            "--learning-rate", "1e-3", "--batch-size", "16", "--no-progress", "--seed", "0",
+            "--mesh", "data=2,fsdp=2,tensor=2",
+        ]  # fmt: skip
+        return finetune.run(argv)
 
 
 def restore_elsewhere(saved_state, module, init):

@@ -59,3 +59,8 @@ def test_checkpoint_saved_on_8_devices_restores_on_another_mesh(report, where, d
     assert r["equal"], r
     assert r["devices"] == devices
     assert r["extra"] == {"data_position": 5}
+
+
+def test_finetuning_runs_and_learns_on_a_mixed_mesh(report):
+    """experiments.finetune --mesh data=2,fsdp=2,tensor=2: a keyword task, chance 0.5."""
+    assert report["finetune"]["accuracy"] >= 0.85, report["finetune"]
