@@ -291,7 +291,7 @@ def run_scaling(config, lengths, dtype_name, plot_path, repeats=3):
             ids = jnp.ones((1, length), jnp.int32)
             f = jax.jit(lambda p, x, m=module: m.apply({"params": p}, x).last_hidden_state)
             row[f"{label}_s"] = alternate(
-                {"x": lambda f=f, p=params: f(p, ids).block_until_ready()}, repeats, 1
+                {"x": lambda f=f, p=params, x=ids: f(p, x).block_until_ready()}, repeats, 1
             )["x"]
             row[f"{label}_flops"] = model_flops(cfg, 1, length, "base")
         row["time_ratio"] = row["standard_s"] / row["funnel_s"]
@@ -384,8 +384,10 @@ def main(argv=None):
         results.append(("train step FunnelForPreTraining", times, flops))
         xla = jb.compiled_flops()
         if xla:
-            print(f"XLA cost analysis of the train step: {xla / 1e9:.1f} GFLOP "
-                  f"(analytic {flops / 1e9:.1f} GFLOP)")
+            print(
+                f"XLA cost analysis of the train step: {xla / 1e9:.1f} GFLOP "
+                f"(analytic {flops / 1e9:.1f} GFLOP)"
+            )
     if args.profile:
         with jax.profiler.trace(args.profile):
             for _ in range(3):
@@ -413,24 +415,32 @@ def main(argv=None):
         scaling = run_scaling(config, lengths, args.dtype, args.plot)
 
     if args.output:
-        cmd = "python -m experiments.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+        cli = argv if argv is not None else sys.argv[1:]
+        cmd = "python -m experiments.benchmark " + " ".join(cli)
         with open(args.output, "a", encoding="utf-8") as f:
             f.write(f"\n## {config_name}, batch {b}, length {length}, {args.dtype}\n\n")
             f.write(f"- command: `{cmd.strip()}`\n- device: {device_name()}\n")
             f.write(f"- versions: {versions()}\n")
-            f.write(f"- allocator: {'jemalloc (preloaded by the entry point)' if jemalloc_active() else 'default'}\n")
+            allocator = "jemalloc (preloaded)" if jemalloc_active() else "default"
+            f.write(f"- allocator: {allocator}\n")
             f.write(f"- matmul peak measured in the same run: {peak['peak'] / 1e9:.1f} GFLOP/s\n")
             f.write(f"- medians of {args.repeats} alternating rounds of {args.iters} steps\n\n")
             f.write(table + "\n")
             if scaling:
-                f.write("\nFunnel vs standard Transformer (same width and depth, no pooling), "
-                        "FunnelBaseModel forward, batch 1:\n\n")
-                f.write("| length | funnel ms | standard ms | time ratio | FLOP ratio | "
-                        "time/FLOP ratio |\n|---|---|---|---|---|---|\n")
+                f.write(
+                    "\nFunnel vs standard Transformer (same width and depth, no pooling), "
+                    "FunnelBaseModel forward, batch 1:\n\n"
+                )
+                f.write(
+                    "| length | funnel ms | standard ms | time ratio | FLOP ratio | "
+                    "time/FLOP ratio |\n|---|---|---|---|---|---|\n"
+                )
                 for r in scaling:
-                    f.write(f"| {r['seq_len']} | {r['funnel_s'] * 1e3:.1f} | "
-                            f"{r['standard_s'] * 1e3:.1f} | {r['time_ratio']:.2f} | "
-                            f"{r['flop_ratio']:.2f} | {100 * r['efficiency']:.0f}% |\n")
+                    f.write(
+                        f"| {r['seq_len']} | {r['funnel_s'] * 1e3:.1f} | "
+                        f"{r['standard_s'] * 1e3:.1f} | {r['time_ratio']:.2f} | "
+                        f"{r['flop_ratio']:.2f} | {100 * r['efficiency']:.0f}% |\n"
+                    )
         print(f"appended to {args.output}")
     return {"results": results, "peak": peak, "scaling": scaling}
 
@@ -438,4 +448,3 @@ def main(argv=None):
 if __name__ == "__main__":
     main()
     sys.stdout.flush()
-
