@@ -1,0 +1,69 @@
+"""Run `experiments.pretrain` with a test hook that holds a checkpoint write open (a helper of
+tests/test_reliability.py; not part of the package).
+
+    FUNNEL_TEST_SAVE_STEP=N FUNNEL_TEST_SAVE_MARKER=/path/marker FUNNEL_TEST_SAVE_SLEEP=30 \\
+        python tests/fault_injection.py PRETRAIN ARGS...
+
+The first training-checkpoint save of a step >= N pauses for FUNNEL_TEST_SAVE_SLEEP seconds in
+the middle of the Orbax write (the step's `<step>.orbax-checkpoint-tmp-*` directory exists, the
+`state` item is written, `extra` is not, nothing is finalised) after writing the step number
+into the marker file, so that the test can SIGKILL the process at that exact moment. Without
+the variables this is `python -m experiments.pretrain`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _install_hook() -> None:
+    first = os.environ.get("FUNNEL_TEST_SAVE_STEP")
+    if first is None:
+        return
+    import orbax.checkpoint as ocp
+
+    from funnel_jax import checkpoint
+
+    marker = Path(os.environ["FUNNEL_TEST_SAVE_MARKER"])
+    pause = float(os.environ.get("FUNNEL_TEST_SAVE_SLEEP", "30"))
+    current = {"step": None, "done": False}
+    save = checkpoint.TrainCheckpointer.save
+
+    def tracked_save(self, step, *args, **kwargs):
+        current["step"] = int(step)
+        return save(self, step, *args, **kwargs)
+
+    def hold(directory) -> None:
+        step = current["step"]
+        if current["done"] or step is None or step < int(first):
+            return
+        current["done"] = True
+        marker.write_text(f"{step} {directory}\n")
+        time.sleep(pause)
+
+    handler = ocp.JsonCheckpointHandler
+    json_save, json_async_save = handler.save, handler.async_save
+
+    def held_save(self, directory, *args, **kwargs):
+        hold(directory)
+        return json_save(self, directory, *args, **kwargs)
+
+    async def held_async_save(self, directory, *args, **kwargs):
+        hold(directory)
+        return await json_async_save(self, directory, *args, **kwargs)
+
+    checkpoint.TrainCheckpointer.save = tracked_save
+    ocp.JsonCheckpointHandler.save = held_save
+    ocp.JsonCheckpointHandler.async_save = held_async_save
+
+
+if __name__ == "__main__":
+    _install_hook()
+    from experiments import pretrain
+
+    sys.exit(pretrain.main(sys.argv[1:]))
