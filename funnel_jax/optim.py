@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from funnel_jax.pytree import path_names
+
 _LAYER_NORM_NAMES = ("layer_norm", "ln", "LayerNorm", "lm_layer_norm")
 _BLOCK_RE = re.compile(r"^blocks_(\d+)_(\d+)$")
 _DECODER_LAYER_RE = re.compile(r"^layers_(\d+)$")
@@ -138,20 +140,6 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int | None = No
     return schedule
 
 
-def _path_names(path) -> tuple[str, ...]:
-    names = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            names.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            names.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            names.append(str(k.idx))
-        else:
-            names.append(str(k))
-    return tuple(names)
-
-
 def is_decayed(path: tuple[str, ...]) -> bool:
     """Whether the parameter at `path` (tuple of names) gets weight decay: not for biases
     (a leaf named `bias`) nor for layer-norm parameters."""
@@ -164,13 +152,13 @@ def is_decayed(path: tuple[str, ...]) -> bool:
 
 def weight_decay_mask(params) -> Any:
     """Pytree of bools, True where weight decay applies."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: is_decayed(_path_names(p)), params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: is_decayed(path_names(p)), params)
 
 
 def layer_depths(params) -> Any:
     """Pytree of ints: 0 for the embeddings, 1.. for encoder layers in order, then decoder layers,
     and the top depth (one above the last layer) for everything else (heads)."""
-    paths = [_path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     encoder = sorted(
         {
             (int(m.group(1)), int(m.group(2)))
@@ -193,7 +181,7 @@ def layer_depths(params) -> Any:
     top = len(encoder) + len(decoder) + 1
 
     def depth(path):
-        names = _path_names(path)
+        names = path_names(path)
         for n in names:
             m = _BLOCK_RE.match(n)
             if m:

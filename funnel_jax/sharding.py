@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from funnel_jax.pytree import path_names
+
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
@@ -117,20 +119,6 @@ def param_shardings(module: nn.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     return logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
 
 
-def _key_names(path) -> tuple[str, ...]:
-    names = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            names.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            names.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            names.append(str(k.idx))
-        else:
-            names.append(str(k))
-    return tuple(names)
-
-
 def tree_shardings_like_params(tree, params_sharding, mesh: Mesh):
     """Shardings for any tree holding params-shaped leaves (a TrainState, an optimizer state).
 
@@ -139,12 +127,12 @@ def tree_shardings_like_params(tree, params_sharding, mesh: Mesh):
     """
     by_path = {}
     for path, sh in jax.tree_util.tree_flatten_with_path(params_sharding)[0]:
-        by_path[_key_names(path)] = sh
+        by_path[path_names(path)] = sh
     replicated = NamedSharding(mesh, PartitionSpec())
     longest = max((len(p) for p in by_path), default=0)
 
     def pick(path, leaf):
-        names = _key_names(path)
+        names = path_names(path)
         for n in range(min(longest, len(names)), 0, -1):
             sh = by_path.get(names[-n:])
             if sh is not None and _fits(sh, leaf):
