@@ -31,11 +31,24 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=7, help="alternating rounds; medians reported")
     p.add_argument("--iters", type=int, default=3, help="steps timed per round")
-    p.add_argument("--only", default="forward,train", help="comma list: forward,train")
+    p.add_argument("--only", default="forward,train", help="comma list: forward,train,memory")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
-    p.add_argument("--remat", default="none", help="remat policy for the train step")
-    p.add_argument("--attention-impl", default="einsum", choices=["einsum", "fused_bias"])
+    p.add_argument("--remat", default="none", help="remat policy for the timed train step")
+    p.add_argument(
+        "--attention-impl",
+        default="einsum",
+        help="comma list of einsum,fused_bias: each is timed as its own JAX row, same rounds",
+    )
+    p.add_argument(
+        "--memory-policies",
+        default="full,none",
+        help="remat policies whose train-step memory --only memory reports (increasing order)",
+    )
+    p.add_argument("--memory-batch-size", type=int, default=0, help="default: --batch-size")
+    p.add_argument(
+        "--scan-layers", action="store_true", help="config.scan_layers: one scan per block"
+    )
     p.add_argument("--scaling", action="store_true", help="time vs length, Funnel vs standard")
     p.add_argument("--scaling-lengths", default="128,256,512,1024,2048")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"), help="'' to skip writing")
@@ -61,11 +74,12 @@ def timed(fn, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> dict:
+def matmul_peak(dtype_name: str, repeats: int = 5) -> dict:
     """FLOP/s of a large square matmul, in JAX and torch; the larger is the device peak."""
     import jax
     import jax.numpy as jnp
 
+    n = matmul_size()
     dt = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
     f = jax.jit(lambda x: x @ x)
@@ -93,76 +107,119 @@ def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> dict:
     return out
 
 
-MATMUL_N = 2048
-MATMUL_FLOPS = 2 * MATMUL_N**3
+def matmul_size() -> int:
+    """Side of the peak matmul: 2048 fills a CPU; an accelerator needs 8192 to leave launch
+    overhead out of the figure."""
+    import jax
+
+    return 2048 if jax.devices()[0].platform == "cpu" else 8192
 
 
 def matmul_fn(dtype_name: str):
-    """A timed callable: one 2048^3 matmul in JAX, run in the same rounds as the models so that
+    """(callable, flops): one n^3 matmul in JAX, run in the same rounds as the models so that
     MFU compares against the peak reached under the same machine load."""
     import jax
     import jax.numpy as jnp
 
+    n = matmul_size()
     dt = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
-    a = jax.random.normal(jax.random.PRNGKey(0), (MATMUL_N, MATMUL_N), dt)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
     f = jax.jit(lambda x: x @ x)
-    return lambda: f(a).block_until_ready()
+    return (lambda: f(a).block_until_ready()), 2 * n**3
+
+
+def make_train_step(module, tx):
+    """The ELECTRA discriminator step timed here: forward with dropout, backward, AdamW."""
+    import jax
+    import optax
+
+    from funnel_jax import losses
+
+    def train_step(state, inputs, labels):
+        params, opt_state, rng = state
+        rng, drop = jax.random.split(rng)
+
+        def loss_fn(p):
+            logits = module.apply(
+                {"params": p}, **inputs, deterministic=False, rngs={"dropout": drop}
+            ).logits
+            return losses.discriminator_loss(logits, labels, inputs["attention_mask"])
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, rng), loss
+
+    return train_step
+
+
+def torch_adamw_defaults():
+    import optax
+
+    return optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+
+
+def synthetic_batch(config, batch, seq_len):
+    """Numpy (ids, token types, labels): random ids, a [CLS]-type first token, two segments."""
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    ids = rng.randint(5, config.vocab_size, (batch, seq_len)).astype(np.int32)
+    tt = np.zeros_like(ids)
+    tt[:, 0] = 2
+    tt[:, seq_len // 2 :] = 1
+    labels = rng.randint(0, 2, (batch, seq_len)).astype(np.int32)
+    return ids, tt, labels
+
+
+def compiled(what: str, jitted, *args):
+    """jitted, compiled ahead of time for args; prints how long tracing and compiling took (on
+    a GPU, compilation of a large model can take minutes: this line says where the time went)."""
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args)
+    t1 = time.perf_counter()
+    exe = lowered.compile()
+    t2 = time.perf_counter()
+    print(f"  compiled {what}: trace {t1 - t0:.1f} s, compile {t2 - t1:.1f} s", flush=True)
+    return exe
 
 
 class JaxBench:
-    def __init__(self, config, batch, seq_len, dtype_name):
+    def __init__(self, config, batch, seq_len, dtype_name, parts=("forward", "train")):
         import jax
         import jax.numpy as jnp
-        import numpy as np
-        import optax
 
         import funnel_jax as fj
-        from funnel_jax import losses
 
         self.jax = jax
         dt = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
-        rng = np.random.RandomState(0)
-        ids = rng.randint(5, config.vocab_size, (batch, seq_len)).astype(np.int32)
-        tt = np.zeros_like(ids)
-        tt[:, 0] = 2
-        tt[:, seq_len // 2 :] = 1
+        ids, tt, labels = synthetic_batch(config, batch, seq_len)
         self.inputs = dict(
             input_ids=jnp.asarray(ids),
             attention_mask=jnp.ones_like(ids),
             token_type_ids=jnp.asarray(tt),
         )
-        self.labels = jnp.asarray(rng.randint(0, 2, (batch, seq_len)).astype(np.int32))
+        self.labels = jnp.asarray(labels)
         self.fwd = {}
-        for name in ("FunnelModel", "FunnelBaseModel"):
-            module = fj.MODEL_CLASSES[name](config=config, dtype=dt)
+        if "forward" in parts:
+            for name in ("FunnelModel", "FunnelBaseModel"):
+                module = fj.MODEL_CLASSES[name](config=config, dtype=dt)
+                params = fj.init_params(module, jax.random.PRNGKey(0))
+
+                def forward(p, inputs, module=module):
+                    return module.apply({"params": p}, **inputs).last_hidden_state
+
+                fn = compiled(f"forward {name}", jax.jit(forward), params, self.inputs)
+                self.fwd[name] = (fn, params)
+        if "train" in parts:
+            module = fj.FunnelForPreTraining(config=config, dtype=dt)
             params = fj.init_params(module, jax.random.PRNGKey(0))
-
-            def forward(p, inputs, module=module):
-                return module.apply({"params": p}, **inputs).last_hidden_state
-
-            self.fwd[name] = (jax.jit(forward), params)
-
-        module = fj.FunnelForPreTraining(config=config, dtype=dt)
-        params = fj.init_params(module, jax.random.PRNGKey(0))
-        tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)  # torch defaults
-
-        def train_step(state, inputs, labels):
-            params, opt_state, rng = state
-            rng, drop = jax.random.split(rng)
-
-            def loss_fn(p):
-                logits = module.apply(
-                    {"params": p}, **inputs, deterministic=False, rngs={"dropout": drop}
-                ).logits
-                return losses.discriminator_loss(logits, labels, inputs["attention_mask"])
-
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state, rng), loss
-
-        self.step = jax.jit(train_step, donate_argnums=0)
-        self.state = (params, tx.init(params), jax.random.PRNGKey(1))
-        self.module = module
+            tx = torch_adamw_defaults()
+            self.state = (params, tx.init(params), jax.random.PRNGKey(1))
+            self.jitted_step = jax.jit(make_train_step(module, tx), donate_argnums=0)
+            self.step = compiled(
+                "train step", self.jitted_step, self.state, self.inputs, self.labels
+            )
+            self.module = module
 
     def forward(self, name):
         fn, params = self.fwd[name]
@@ -176,14 +233,69 @@ class JaxBench:
         return run
 
     def compiled_flops(self):
-        lowered = self.step.lower(self.state, self.inputs, self.labels)
+        lowered = self.jitted_step.lower(self.state, self.inputs, self.labels)
         cost = lowered.compile().cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
+def train_memory(config, batch, seq_len, dtype_name, policy, run_steps=2) -> dict:
+    """Memory of the train step under a remat policy: XLA's buffer assignment (arguments +
+    outputs - donated aliases + temporaries) and, off CPU, the device's peak bytes in use while
+    `run_steps` steps run (process-wide high-water mark: call policies in increasing order)."""
+    import jax
+    import jax.numpy as jnp
+
+    import funnel_jax as fj
+
+    dt = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+    config = config.replace(remat_policy=policy)
+    module = fj.FunnelForPreTraining(config=config, dtype=dt)
+    tx = torch_adamw_defaults()
+    step = jax.jit(make_train_step(module, tx), donate_argnums=0)
+    ids, tt, labels = synthetic_batch(config, batch, seq_len)
+    inputs = {
+        "input_ids": jnp.asarray(ids),
+        "attention_mask": jnp.ones_like(ids),
+        "token_type_ids": jnp.asarray(tt),
+    }
+    labels = jnp.asarray(labels)
+
+    def make_state():
+        params = fj.init_params(module, jax.random.PRNGKey(0))
+        return (params, tx.init(params), jax.random.PRNGKey(1))
+
+    abstract = jax.eval_shape(make_state)
+    t0 = time.perf_counter()
+    compiled = step.lower(abstract, inputs, labels).compile()
+    out = {"policy": policy, "batch": batch, "compile_s": time.perf_counter() - t0}
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        out["temp_bytes"] = mem.temp_size_in_bytes
+        out["xla_total_bytes"] = (
+            mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes
+        )
+    device = jax.devices()[0]
+    if run_steps and device.platform != "cpu":
+        state = make_state()
+        for _ in range(run_steps):
+            state, loss = compiled(state, inputs, labels)
+        loss.block_until_ready()
+        stats = device.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            out["device_peak_bytes"] = stats["peak_bytes_in_use"]
+        out["loss_finite"] = bool(jnp.isfinite(loss))
+        del state
+    return out
+
+
 class TorchBench:
-    def __init__(self, config, batch, seq_len, dtype_name, compile_=False, fused=False):
+    def __init__(
+        self, config, batch, seq_len, dtype_name, compile_=False, fused=False, parts=("train",)
+    ):
         import numpy as np
         import torch
         import transformers
@@ -192,24 +304,23 @@ class TorchBench:
         self.dev = "cuda" if torch.cuda.is_available() else "cpu"
         self.autocast = dtype_name == "bfloat16"
         tconfig = transformers.FunnelConfig(**config.to_dict())
-        rng = np.random.RandomState(0)
-        ids = rng.randint(5, config.vocab_size, (batch, seq_len))
-        tt = np.zeros_like(ids)
-        tt[:, 0] = 2
-        tt[:, seq_len // 2 :] = 1
-        t = lambda a: torch.as_tensor(a).to(self.dev)  # noqa: E731
+        ids, tt, labels = synthetic_batch(config, batch, seq_len)
+        t = lambda a: torch.as_tensor(a.astype(np.int64)).to(self.dev)  # noqa: E731
         self.inputs = dict(
             input_ids=t(ids), attention_mask=t(np.ones_like(ids)), token_type_ids=t(tt)
         )
-        self.labels = t(rng.randint(0, 2, (batch, seq_len)))
+        self.labels = t(labels)
         self.fwd = {}
-        for name in ("FunnelModel", "FunnelBaseModel"):
-            m = getattr(transformers, name)(tconfig).to(self.dev).eval()
-            self.fwd[name] = torch.compile(m) if compile_ else m
-        model = transformers.FunnelForPreTraining(tconfig).to(self.dev).train()
-        self.model = torch.compile(model) if compile_ else model
-        kw = {"fused": True} if fused else {}
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **kw)
+        if "forward" in parts:
+            for name in ("FunnelModel", "FunnelBaseModel"):
+                m = getattr(transformers, name)(tconfig).to(self.dev).eval()
+                self.fwd[name] = torch.compile(m) if compile_ else m
+        if "train" in parts:
+            model = transformers.FunnelForPreTraining(tconfig).to(self.dev).train()
+            self.model = torch.compile(model) if compile_ else model
+            kw = {"fused": True} if fused else {}
+            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **kw)
+            self.state_modules = (model, self.opt)
 
     def _sync(self):
         if self.dev == "cuda":
@@ -242,6 +353,40 @@ class TorchBench:
             self._sync()
 
         return run
+
+    def train_peak_bytes(self) -> int | None:
+        """CUDA bytes of one train step of this model: the step's high-water mark above what was
+        allocated before it (activations, gradients, workspace), plus the parameters and AdamW
+        state the model holds between steps."""
+        torch = self.torch
+        if self.dev != "cuda":
+            return None
+        self.train()()  # AdamW state exists from here on
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        self.train()()
+        peak = torch.cuda.max_memory_allocated()
+        model, opt = self.state_modules
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        for st in opt.state.values():
+            held += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+        return peak - before + held
+
+
+def fmt_times(times: dict) -> str:
+    return ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items())
+
+
+def gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+def fmt_memory(row: dict) -> str:
+    return (
+        f"remat={row['policy']} batch {row['batch']}: XLA {gib(row.get('xla_total_bytes'))} GiB "
+        f"(temps {gib(row.get('temp_bytes'))}), device peak {gib(row.get('device_peak_bytes'))} "
+        f"GiB, compile {row['compile_s']:.0f} s"
+    )
 
 
 def alternate(fns: dict, repeats: int, iters: int) -> dict:
@@ -354,45 +499,63 @@ def main(argv=None):
     from funnel_jax.flops import model_flops, train_step_flops
 
     config, config_name = load_config(args.config)
-    config = config.replace(remat_policy=args.remat, attention_impl=args.attention_impl)
+    impls = args.attention_impl.split(",")
+    for impl in impls:
+        if impl not in ("einsum", "fused_bias"):
+            raise SystemExit(f"--attention-impl: {impl!r} is not one of einsum, fused_bias")
+    config = config.replace(
+        remat_policy=args.remat, attention_impl=impls[0], scan_layers=args.scan_layers
+    )
     b, length = args.batch_size, args.seq_len
     only = set(args.only.split(","))
+    parts = tuple(p for p in ("forward", "train") if p in only)
     print(f"device: {device_name()}  ({versions()})", flush=True)
-    print(f"config {config_name}, batch {b}, length {length}, {args.dtype}", flush=True)
+    print(
+        f"config {config_name}, batch {b}, length {length}, {args.dtype}, "
+        f"remat {args.remat}, scan_layers {args.scan_layers}",
+        flush=True,
+    )
     print(f"allocator: {'jemalloc' if jemalloc_active() else 'default'}", flush=True)
     peak = matmul_peak(args.dtype)
     print(f"matmul peak: {peak['peak'] / 1e9:.1f} GFLOP/s", flush=True)
 
-    mm = matmul_fn(args.dtype)
-    jb = JaxBench(config, b, length, args.dtype)
+    mm, mm_flops = matmul_fn(args.dtype)
+    jbs = {}
+    for impl in impls if parts else ():
+        label = "jax" if impl == impls[0] else f"jax {impl}"
+        jbs[label] = JaxBench(config.replace(attention_impl=impl), b, length, args.dtype, parts)
     tb = tbf = tbc = None
-    if not args.no_torch:
+    if not args.no_torch and parts:
         import torch
 
-        torch.set_num_threads(os.cpu_count() or 1)
-        tb = TorchBench(config, b, length, args.dtype)
-        tbf = TorchBench(config, b, length, args.dtype, fused=True) if "train" in only else None
+        if not torch.cuda.is_available():
+            torch.set_num_threads(os.cpu_count() or 1)
+        tb = TorchBench(config, b, length, args.dtype, parts=parts)
+        if "train" in only:
+            tbf = TorchBench(config, b, length, args.dtype, fused=True)
         if args.torch_compile:
             try:
-                tbc = TorchBench(config, b, length, args.dtype, compile_=True)
+                tbc = TorchBench(config, b, length, args.dtype, compile_=True, parts=parts)
             except Exception as e:  # noqa: BLE001
                 print(f"torch.compile unavailable: {e}")
     results = []
+    profile_table = ""
     tokens = b * length
     if "forward" in only:
         for name, kind in (("FunnelModel", "full"), ("FunnelBaseModel", "base")):
-            fns = {"jax": jb.forward(name)}
+            fns = {label: jb.forward(name) for label, jb in jbs.items()}
             if tb:
                 fns["torch"] = tb.forward(name)
             if tbc:
                 fns["torch.compile"] = tbc.forward(name)
             fns["_matmul"] = mm
             times = alternate(fns, args.repeats, args.iters)
-            group_peak = MATMUL_FLOPS / times.pop("_matmul")
+            group_peak = mm_flops / times.pop("_matmul")
             flops = model_flops(config, b, length, kind)
             results.append((f"forward {name}", times, flops, group_peak))
+            print(f"  forward {name}: " + fmt_times(times), flush=True)
     if "train" in only:
-        fns = {"jax": jb.train()}
+        fns = {label: jb.train() for label, jb in jbs.items()}
         if tb:
             fns["torch"] = tb.train()
             fns["torch fused AdamW"] = tbf.train()
@@ -400,20 +563,38 @@ def main(argv=None):
             fns["torch.compile"] = tbc.train()
         fns["_matmul"] = mm
         times = alternate(fns, args.repeats, args.iters)
-        group_peak = MATMUL_FLOPS / times.pop("_matmul")
+        group_peak = mm_flops / times.pop("_matmul")
         flops = train_step_flops(config, b, length, "pretraining")
         results.append(("train step FunnelForPreTraining", times, flops, group_peak))
-        xla = jb.compiled_flops()
+        print("  train step: " + fmt_times(times), flush=True)
+        xla = jbs["jax"].compiled_flops()
         if xla:
             print(
                 f"XLA cost analysis of the train step: {xla / 1e9:.1f} GFLOP "
                 f"(analytic {flops / 1e9:.1f} GFLOP)"
             )
-    if args.profile:
+    if args.profile and "jax" in jbs and "train" in only:
         with jax.profiler.trace(args.profile):
             for _ in range(3):
-                jb.train()()
+                jbs["jax"].train()()
         print(f"profile trace written to {args.profile} (open with TensorBoard / Perfetto)")
+        from experiments.profile_summary import summarize
+
+        profile_table = summarize(args.profile, "jit_train_step")
+        print(profile_table, flush=True)
+    torch_memory = tb.train_peak_bytes() if tb is not None and "train" in only else None
+    torch_memory_batch = b
+    del jbs
+    memory = []
+    mb = args.memory_batch_size or b
+    if "memory" in only:
+        for policy in args.memory_policies.split(","):
+            row = train_memory(config, mb, length, args.dtype, policy)
+            memory.append(row)
+            print("  memory: " + fmt_memory(row), flush=True)
+        if not args.no_torch and torch_memory is None:
+            torch_memory = TorchBench(config, mb, length, args.dtype).train_peak_bytes()
+            torch_memory_batch = mb
 
     lines = []
     header = (
@@ -429,6 +610,28 @@ def main(argv=None):
                 f"| {what} | {impl} | {t * 1e3:.1f} | {tokens / t:,.0f} | {ratio:.2f}x | "
                 f"{group_peak / 1e9:.0f} | {100 * mfu:.0f}% |"
             )
+    if memory:
+        lines += [
+            "",
+            f"Train step memory (batch {memory[0]['batch']}, length {length}, {args.dtype}):",
+            "",
+            "| remat policy | XLA buffers: args + outputs - donated + temps (GiB) | temps (GiB) "
+            "| device peak while running (GiB) | compile s |",
+            "|---|---|---|---|---|",
+        ]
+        for r in memory:
+            lines.append(
+                f"| {r['policy']} | {gib(r.get('xla_total_bytes'))} | {gib(r.get('temp_bytes'))} "
+                f"| {gib(r.get('device_peak_bytes'))} | {r['compile_s']:.0f} |"
+            )
+    if torch_memory:
+        lines += [
+            "",
+            f"PyTorch reference train step (batch {torch_memory_batch}): {gib(torch_memory)} GiB "
+            "(step high-water mark + parameters + AdamW state, torch.cuda.max_memory_allocated)",
+        ]
+    if profile_table:
+        lines += ["", "Per-op breakdown of 3 JAX train steps (`--profile`):", "", profile_table]
     table = "\n".join(lines)
     print(table)
 
@@ -469,7 +672,7 @@ def main(argv=None):
                         f"{r['flop_ratio']:.2f} | {100 * r['efficiency']:.0f}% |\n"
                     )
         print(f"appended to {args.output}")
-    return {"results": results, "peak": peak, "scaling": scaling}
+    return {"results": results, "peak": peak, "scaling": scaling, "memory": memory}
 
 
 if __name__ == "__main__":

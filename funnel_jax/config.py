@@ -64,6 +64,7 @@ class FunnelConfig:
     remat_policy: str = "none"  # rematerialisation of each layer: see funnel_jax/layers.py
     one_hot_embeddings: bool = False  # embedding lookup as a one-hot matmul (gather-free, for TPU)
     attention_impl: str = "einsum"  # "fused_bias": jax.nn.dot_product_attention with a bias
+    scan_layers: bool = False  # a block's same-shape layers as one lax.scan (faster compiles)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -135,6 +136,8 @@ class FunnelConfig:
             fail("remat_policy", f"must be one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             fail("attention_impl", f"must be one of {ATTENTION_IMPLS}")
+        if not isinstance(self.scan_layers, bool):
+            fail("scan_layers", f"must be true or false, got {self.scan_layers!r}")
 
     # Derived sizes.
     @property

@@ -399,6 +399,49 @@ def layer_class(config: FunnelConfig):
     return nn.remat(FunnelLayer, policy=REMAT_POLICIES[config.remat_policy], static_argnums=(4, 5))
 
 
+def scan_layers(
+    module: nn.Module,
+    names: list[str],
+    block_index: int,
+    hidden: Array,
+    inputs: AttentionInputs,
+    deterministic: bool,
+    output_attentions: bool,
+) -> tuple[Array, list[Array], list[Array | None]]:
+    """Apply the same-shape layers `names` of `module` (in order; a name may repeat) to hidden
+    [B, L, D] as one `lax.scan` over their stacked parameters.
+
+    The parameters keep their per-layer layout (checkpoints and converters are unchanged): they
+    are stacked here, inside the step, and the scan compiles one layer body instead of
+    len(names). Dropout draws one key per layer from the module's "dropout" stream.
+    Returns (hidden, [hidden after each layer], [attention probabilities or None per layer]).
+    """
+    cfg = module.config
+    params = [module.variables["params"][name] for name in names]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
+    proto = FunnelLayer(
+        cfg, block_index, dtype=module.dtype, param_dtype=module.param_dtype, parent=None
+    )
+
+    def apply(p, h, key):
+        rngs = None if key is None else {"dropout": key}
+        return proto.apply({"params": p}, h, h, inputs, deterministic, output_attentions, rngs=rngs)
+
+    if cfg.remat_policy != "none":
+        apply = jax.checkpoint(apply, policy=REMAT_POLICIES[cfg.remat_policy])
+    keys = None if deterministic else jax.random.split(module.make_rng("dropout"), len(names))
+
+    def body(h, xs):
+        p, key = xs
+        h, prob = apply(p, h, key)
+        return h, (h, prob)
+
+    hidden, (hs, probs) = jax.lax.scan(body, hidden, (stacked, keys))
+    per_layer = [hs[j] for j in range(len(names))]
+    per_prob = [None if probs is None else probs[j] for j in range(len(names))]
+    return hidden, per_layer, per_prob
+
+
 # --- encoder and decoder ------------------------------------------------------------------
 
 
@@ -457,6 +500,15 @@ class FunnelEncoder(nn.Module):
         hidden = x
         all_hidden, all_attn = [x], []
         layer_cls = layer_class(cfg)
+        layers: dict[str, nn.Module] = {}  # a layer is called block_repeats times
+
+        def layer(b: int, name: str) -> nn.Module:
+            if name not in layers:
+                layers[name] = layer_cls(
+                    cfg, b, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+                )
+            return layers[name]
+
         for b, block_size in enumerate(cfg.block_sizes):
             pooling = b > 0
             if pooling:
@@ -478,40 +530,53 @@ class FunnelEncoder(nn.Module):
                 pooled_hidden = structure.pool_tensor(cfg, hidden, cfg.pooling_type)
             if not factorized:
                 r_same = positions("relative", structure.relative_pos(pos, 2**b), deterministic)
-            for i in range(block_size):
-                layer = layer_cls(
-                    cfg, b, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{b}_{i}"
+            calls = [(i, r) for i in range(block_size) for r in range(cfg.block_repeats[b])]
+            if pooling:  # the first call pools; it runs on its own
+                (i, _), calls = calls[0], calls[1:]
+                query = pooled_hidden
+                key_value = hidden if cfg.pool_q_only else pooled_hidden
+                s, t = query.shape[1], key_value.shape[1]
+                if factorized:
+                    position = q_emb + k_emb
+                else:
+                    position = r_pool if s != t else r_same
+                inputs = self._inputs(position, tt_mat, mask, s, t)
+                hidden, prob = layer(b, f"blocks_{b}_{i}")(
+                    query, key_value, inputs, deterministic, output_attentions
                 )
-                for repeat in range(cfg.block_repeats[b]):
-                    do_pooling = pooling and i == 0 and repeat == 0
-                    if do_pooling:
-                        query = pooled_hidden
-                        key_value = hidden if cfg.pool_q_only else pooled_hidden
-                    else:
-                        query = key_value = hidden
-                    s, t = query.shape[1], key_value.shape[1]
+                if cfg.pool_q_only:
+                    k_pos = structure.stride_pool_list(cfg, k_pos)
                     if factorized:
-                        position = q_emb + k_emb
-                    else:
-                        position = r_pool if s != t else r_same
-                    inputs = AttentionInputs(
-                        position=position,
-                        token_type_mat=tt_mat,
-                        attention_mask=mask,
-                        cls_mask=structure.cls_mask(s, t, jnp.float32)
-                        if cfg.separate_cls
-                        else None,
-                    )
-                    hidden, prob = layer(query, key_value, inputs, deterministic, output_attentions)
-                    if do_pooling and cfg.pool_q_only:
-                        k_pos = structure.stride_pool_list(cfg, k_pos)
-                        if factorized:
-                            k_emb = positions("key", k_pos, deterministic)
-                        tt_mat = structure.stride_pool(cfg, tt_mat, 2)
-                        mask = structure.pool_tensor(cfg, mask, "min")
-                    all_hidden.append(hidden)
-                    all_attn.append(prob)
+                        k_emb = positions("key", k_pos, deterministic)
+                    tt_mat = structure.stride_pool(cfg, tt_mat, 2)
+                    mask = structure.pool_tensor(cfg, mask, "min")
+                all_hidden.append(hidden)
+                all_attn.append(prob)
+            if not calls:
+                continue
+            s = hidden.shape[1]
+            inputs = self._inputs(q_emb + k_emb if factorized else r_same, tt_mat, mask, s, s)
+            names = [f"blocks_{b}_{i}" for i, _ in calls]
+            if cfg.scan_layers and len(calls) > 1 and not self.is_initializing():
+                hidden, hs, probs = scan_layers(
+                    self, names, b, hidden, inputs, deterministic, output_attentions
+                )
+                all_hidden += hs
+                all_attn += probs
+                continue
+            for name in names:
+                hidden, prob = layer(b, name)(
+                    hidden, hidden, inputs, deterministic, output_attentions
+                )
+                all_hidden.append(hidden)
+                all_attn.append(prob)
         return hidden, tuple(all_hidden), tuple(all_attn)
+
+    def _inputs(self, position, tt_mat, mask, s: int, t: int) -> AttentionInputs:
+        cls = structure.cls_mask(s, t, jnp.float32) if self.config.separate_cls else None
+        return AttentionInputs(
+            position=position, token_type_mat=tt_mat, attention_mask=mask, cls_mask=cls
+        )
 
 
 def upsample(x: Array, stride: int, target_len: int, separate_cls: bool, truncate_seq: bool):
@@ -572,6 +637,12 @@ class FunnelDecoder(nn.Module):
             else None,
         )
         all_hidden, all_attn = [hidden], []
+        names = [f"layers_{i}" for i in range(cfg.num_decoder_layers)]
+        if cfg.scan_layers and len(names) > 1 and not self.is_initializing():
+            hidden, hs, probs = scan_layers(
+                self, names, 0, hidden, inputs, deterministic, output_attentions
+            )
+            return hidden, tuple(all_hidden + hs), tuple(all_attn + probs)
         layer_cls = layer_class(cfg)
         for i in range(cfg.num_decoder_layers):
             layer = layer_cls(

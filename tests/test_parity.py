@@ -73,6 +73,14 @@ GRID = {
         attention_impl="fused_bias", attention_type="factorized", one_hot_embeddings=True
     ),
     "remat_dots": dict(remat_policy="dots"),
+    "scan_layers": dict(scan_layers=True, block_sizes=[3, 2, 2]),
+    "scan_layers_repeats_factorized_remat": dict(
+        scan_layers=True,
+        block_sizes=[2, 1, 2],
+        block_repeats=[1, 3, 2],
+        attention_type="factorized",
+        remat_policy="full",
+    ),
 }
 
 
@@ -163,6 +171,12 @@ HEADS = [
     ("FunnelForPreTraining", dict(remat_policy="full", attention_impl="fused_bias"), None),
     ("FunnelForMaskedLM", dict(remat_policy="attention_scores", one_hot_embeddings=True), None),
     ("FunnelForSequenceClassification", dict(remat_policy="dots_no_batch"), None),
+    ("FunnelForPreTraining", dict(scan_layers=True, block_sizes=[3, 2, 2]), None),
+    (
+        "FunnelForTokenClassification",
+        dict(scan_layers=True, remat_policy="dots", block_repeats=[2, 1, 2]),
+        None,
+    ),
 ]
 
 
