@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a short device lease (see DEVELOPERS.md).
 #
-#   bash benchmarks/gpu_check.sh [STAGE ...]     # default: env train memory parity
+#   bash benchmarks/gpu_check.sh [STAGE ...]     # default: env probe train memory parity
 #
 # Stages (each has its own time limit, and writes its log and table under $OUT):
 #   env      GPU, driver and package versions
+#   probe    compile time of the train step: small and large, unrolled and --scan-layers
 #   parity   float32 parity subset vs transformers (JAX on the GPU, matmuls at 'highest')
 #   train    large, bf16, length 512, batch 16: JAX (einsum and fused_bias attention) vs PyTorch
 #            eager with autocast and fused AdamW, alternating; MFU; per-op profile
@@ -17,8 +18,9 @@ export TF_CPP_MIN_LOG_LEVEL=3
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-BENCH="$PY -m experiments.benchmark --config large --dtype bfloat16 --seq-len 512"
-stages=${*:-env train memory parity}
+CACHE="--compile-cache /tmp/jax_cache"  # later stages reuse the probe's compilations
+BENCH="$PY -m experiments.benchmark --config large --dtype bfloat16 --seq-len 512 $CACHE"
+stages=${*:-env probe train memory parity}
 for stage in $stages; do
   echo "=== $stage $(date +%T)"
   case $stage in
@@ -28,6 +30,12 @@ for stage in $stages; do
 print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__,
       'torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', t.__version__)"
       ;;
+    probe)
+      for cfg in "small" "large" "large --scan-layers"; do
+        timeout 150 $PY -m experiments.benchmark --dtype bfloat16 --seq-len 512 $CACHE \
+          --batch-size 16 --only train --no-torch --repeats 1 --iters 2 --output "" --config $cfg \
+          2>&1 | grep -E "^config|compiled|train step:" | tee -a "$OUT/probe.log"
+      done ;;
     parity)
       JAX_DEFAULT_MATMUL_PRECISION=highest timeout 120 $PY -m pytest -q -s -p no:cacheprovider \
         tests/test_parity.py -k "base_model or head_outputs or bfloat16 or (funnel_model and 16)" \

@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--scaling-lengths", default="128,256,512,1024,2048")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"), help="'' to skip writing")
     p.add_argument("--plot", default=str(ROOT / "benchmarks" / "scaling.png"))
+    p.add_argument("--compile-cache", default="", help="persistent XLA compile cache directory")
     p.add_argument("--profile", default="", help="write a JAX profiler trace of the train step")
     return p.parse_args(argv)
 
@@ -490,10 +491,11 @@ def run_scaling(config, lengths, dtype_name, plot_path, repeats=3):
 
 
 def main(argv=None):
-    from funnel_jax.runtime import jemalloc_active, use_jemalloc
+    from funnel_jax.runtime import enable_compile_cache, jemalloc_active, use_jemalloc
 
     use_jemalloc()
     args = parse_args(argv)
+    enable_compile_cache(args.compile_cache)
     import jax
 
     from funnel_jax.flops import model_flops, train_step_flops

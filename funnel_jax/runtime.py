@@ -54,3 +54,18 @@ def use_jemalloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, env)
+
+
+def enable_compile_cache(directory: str) -> None:
+    """Persist XLA compilations under `directory` ('' = off): a restarted job skips recompiling."""
+    if not directory:
+        return
+    import jax
+
+    path = os.path.expanduser(directory)
+    try:
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except Exception as e:  # noqa: BLE001 (a cache is an optimisation only)
+        print(f"warning: no compilation cache ({e})", file=sys.stderr)
