@@ -35,6 +35,13 @@ with the tokenizer files: `funnel_jax.from_pretrained` loads it). OUTPUT_DIR als
 eval_results.json (the best evaluation: metric name -> value), eval_history.jsonl (every
 evaluation), predictions.* (the dev predictions of the best evaluation), train_config.json and
 tokenizer/. `run(argv) -> dict` is the same as the command, for tests and notebooks.
+
+Resuming: OUTPUT_DIR/train_checkpoints holds Orbax training checkpoints (params, optimizer
+state, step, dropout RNG, the position in the shuffled data, the best-metric bookkeeping) every
+--save-every steps and at the end. Running the same command again on OUTPUT_DIR resumes from
+the newest complete one and ends bit-identical (CPU) to an uninterrupted run; a finished run is
+left as it is; other settings are refused, naming the field (train_config.json). SIGTERM /
+SIGINT save a checkpoint of the step reached and exit with status 143 / 130.
 """
 
 from __future__ import annotations
@@ -49,6 +56,13 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from experiments.common import (
+    ConfigError,
+    load_json_object,
+    save_tokenizer_atomic,
+    write_json_atomic,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = ROOT / "configs" / "finetune"
@@ -122,9 +136,12 @@ FLOAT_KEYS = {
 }
 STR_KEYS = {"dtype", "metric_for_best"}
 
-
-class ConfigError(ValueError):
-    """Bad command-line settings or preset."""
+DEFAULT_SAVE_EVERY = 500
+TRAIN_CHECKPOINTS = "train_checkpoints"  # resume checkpoints; "checkpoints": the best params
+KEEP_TRAIN_CHECKPOINTS = 2
+# train_config.json entries a restart may change: the checkpoint interval, and descriptions of
+# the model / tokenizer source with paths as typed (the absolute paths are under "source").
+RESTART_MAY_CHANGE = ("checkpointing", "model", "tokenizer")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -176,23 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-every", type=int, default=10, help="steps between loss updates")
     p.add_argument(
+        "--save-every",
+        type=int,
+        default=DEFAULT_SAVE_EVERY,
+        help="steps between training checkpoints (also saved at the end and on SIGTERM/SIGINT; "
+        f"0: only then); default {DEFAULT_SAVE_EVERY}",
+    )
+    p.add_argument(
         "--mesh",
         default=None,
         help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1: the rest); default: data parallel "
         "over every device when there are several",
     )
     return p
-
-
-def _load_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return d
 
 
 def load_preset(task: str, preset: str | None) -> tuple[dict, str | None]:
@@ -207,7 +220,7 @@ def load_preset(task: str, preset: str | None) -> tuple[dict, str | None]:
         path = PRESET_DIR / f"{task}.json"
         if not path.is_file():
             return {}, None
-    d = _load_json(path)
+    d = load_json_object(path)
     settings = {k: v for k, v in d.items() if not k.startswith("_") and k != "task"}
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
@@ -323,8 +336,11 @@ def _has_tokenizer(d: Path) -> bool:
     return (d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file()
 
 
-def load_tokenizer(args, init_candidates: list[Path], texts_fn, vocab_size: int):
-    """(tokenizer, how it was found)."""
+def load_tokenizer(
+    args, init_candidates: list[Path], texts_fn, vocab_size: int, saved: Path | None = None
+):
+    """(tokenizer, how it was found). `saved`: the tokenizer directory of the run being resumed,
+    used instead of training a vocabulary again (training is not bit-reproducible)."""
     from funnel_jax.tokenizer import FunnelTokenizer
 
     if args.tokenizer:
@@ -342,7 +358,10 @@ def load_tokenizer(args, init_candidates: list[Path], texts_fn, vocab_size: int)
             f"no tokenizer next to --init (looked in {', '.join(map(str, init_candidates))}); "
             "pass --tokenizer DIR"
         )
-    tok = FunnelTokenizer.train(texts_fn(), vocab_size=vocab_size, min_frequency=1)
+    if saved is not None and _has_tokenizer(saved):
+        tok = FunnelTokenizer.from_pretrained(saved)
+    else:
+        tok = FunnelTokenizer.train(texts_fn(), vocab_size=vocab_size, min_frequency=1)
     return tok, f"trained on the training text ({len(tok)} tokens)"
 
 
@@ -517,30 +536,100 @@ def _is_better(value: float, best: float | None) -> bool:
     return best != best or value > best
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
+def _prepare_output_dir(out_dir: Path, overwrite: bool) -> dict | None:
+    """Check that OUTPUT_DIR can be written. Returns the train_config.json of an earlier run in
+    it (to resume or to leave as it is, if the settings match), or None for a fresh start; with
+    `overwrite` the outputs of an earlier run are removed first."""
     from funnel_jax import validation
 
     validation.check_output_dir(out_dir)  # created, and writable
-    stale = [out_dir / n for n in ("checkpoints", "best_model") if (out_dir / n).exists()]
-    if stale and not overwrite:
-        raise ConfigError(
-            f"{out_dir} holds an earlier run ({', '.join(p.name for p in stale)}); use another "
-            "--output-dir or --overwrite-output-dir"
-        )
+    names = ("checkpoints", TRAIN_CHECKPOINTS, "best_model")
+    stale = [out_dir / n for n in names if (out_dir / n).exists()]
+    if not overwrite:
+        config_path = out_dir / "train_config.json"
+        if config_path.is_file():
+            return load_json_object(config_path)
+        if stale:
+            raise ConfigError(
+                f"{out_dir} holds an earlier run ({', '.join(p.name for p in stale)}) without its "
+                "train_config.json; use another --output-dir or --overwrite-output-dir"
+            )
     for p in stale:
         shutil.rmtree(p)
-    for p in out_dir.glob("predictions*"):
-        p.unlink()
-    for p in out_dir.glob("null_odds*"):
-        p.unlink()
+    for pattern in ("predictions*", "null_odds*", "eval_results.json", "train_config.json"):
+        for p in out_dir.glob(pattern):
+            p.unlink()
+    return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _config_diff(saved: dict, now: dict) -> list[str]:
+    """The entries of `now` (dotted names, e.g. settings.learning_rate) that differ in the
+    saved train_config.json, except RESTART_MAY_CHANGE."""
+    now = json.loads(json.dumps(now))  # compare as read back (tuples -> lists, int keys -> str)
+    keep = [k for k in now if k not in RESTART_MAY_CHANGE]
+    a = _flatten({k: saved[k] for k in keep if k in saved})
+    b = _flatten({k: now[k] for k in keep})
+    missing = "(absent)"
+    return [
+        f"{k}: saved {a.get(k, missing)!r}, now {b.get(k, missing)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+
+
+def _check_same_run(out_dir: Path, saved: dict | None, now: dict) -> None:
+    if saved is None:
+        return
+    diffs = _config_diff(saved, now)
+    if diffs:
+        raise ConfigError(
+            f"{out_dir} holds a run with other settings ({'; '.join(diffs)}); rerun with the same "
+            "settings to resume it, or use another --output-dir (or --overwrite-output-dir to "
+            "start over)"
+        )
+
+
+def _is_finished(out_dir: Path) -> bool:
+    from funnel_jax.checkpoint import is_orbax_model_dir
+
+    return (out_dir / "eval_results.json").is_file() and is_orbax_model_dir(out_dir / "best_model")
+
+
+def _epoch_order(seed: int, epoch: int, n: int, batch_size: int):
+    """The shuffled example order of `epoch`, wrapped around to whole batches."""
+    import numpy as np
+
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    if len(order) % batch_size:  # wrap around: fixed batch shapes, every example seen
+        extra = batch_size - len(order) % batch_size
+        order = np.concatenate([order, np.resize(order, extra)])
+    return order
+
+
+def _truncate_history(path: Path, last_step: int) -> None:
+    """Keep the evaluations up to `last_step` (those of the checkpoint resumed from)."""
+    kept = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if row.get("step", 0) <= last_step:
+                kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- run
@@ -548,11 +637,30 @@ def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
 
 def run(argv: list[str] | None = None) -> dict:
     """Fine-tune and evaluate as the command does; returns the best evaluation's metrics (the
-    contents of eval_results.json)."""
+    contents of eval_results.json). Stopped by SIGTERM / SIGINT it returns {"stopped_at": step,
+    "signal": "SIGTERM", ...} (or the metrics plus "signal" when the signal came during the
+    final export, which completes first)."""
     t_start = time.time()
     args = build_parser().parse_args(argv)
-    settings, preset_path = resolve_settings(args)
+    from funnel_jax import preemption
 
+    # SIGTERM / SIGINT only set a flag (funnel_jax/preemption.py), read during start-up, after
+    # each training step, and once the final export is complete.
+    stopper = preemption.PreemptionHandler().install()
+    try:
+        return _run(args, stopper, t_start)
+    finally:
+        stopper.uninstall()
+
+
+def _run(args, stopper, t_start: float) -> dict:
+    settings, preset_path = resolve_settings(args)
+    if args.save_every < 0:
+        raise ConfigError(f"save-every must be >= 0 (got {args.save_every})")
+    if args.log_every < 1:
+        raise ConfigError(f"log-every must be a positive integer (got {args.log_every})")
+
+    from funnel_jax import preemption, validation
     from funnel_jax.tasks import get_task
 
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
@@ -574,8 +682,57 @@ def run(argv: list[str] | None = None) -> dict:
     train_examples, eval_examples, files = read_data(task, args)
     metric_name = settings["metric_for_best"] or task.main_metric
 
+    def absolute(path):
+        return None if path is None else str(Path(path).absolute())
+
+    # What identifies the run (train_config.json; a restart must match it).
+    run_key = {
+        "task": task.name,
+        "kind": task.kind,
+        "model_class": task.model_class,
+        "metric_for_best": metric_name,
+        "preset": preset_path,
+        "files": {k: absolute(v) for k, v in files.items()},
+        "settings": settings,
+        "source": {
+            "init": absolute(args.init),
+            "tokenizer": absolute(args.tokenizer),
+            "model_config": (
+                absolute(args.model_config)
+                if args.model_config and Path(args.model_config).is_file()
+                else args.model_config
+            ),
+        },
+        "data_options": {
+            "text_column": args.text_column,
+            "text_pair_column": args.text_pair_column,
+            "label_column": args.label_column,
+            "labels": labels,
+            "max_train_examples": args.max_train_examples,
+            "max_eval_examples": args.max_eval_examples,
+            "skip_malformed_lines": args.skip_malformed_lines,
+        },
+        "num_train_examples": len(train_examples),
+        "num_eval_examples": {k: len(v) for k, v in eval_examples.items()},
+    }
+    if hasattr(task, "info"):
+        run_key.update(task.info())
+
     out_dir = Path(args.output_dir)
-    _prepare_output_dir(out_dir, args.overwrite_output_dir)
+    saved_info = _prepare_output_dir(out_dir, args.overwrite_output_dir)
+    _check_same_run(out_dir, saved_info, run_key)
+    resuming = saved_info is not None
+    if resuming and _is_finished(out_dir):
+        results = load_json_object(out_dir / "eval_results.json")
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
+        print(
+            f"{out_dir}: this run has already finished; nothing to do ({shown}; model in "
+            f"{out_dir / 'best_model'})"
+        )
+        return results
+    if stopper.requested:
+        print(f"{stopper.signal_name} received before training: stopped (nothing to save)")
+        return {"stopped_at": None, "output_dir": str(out_dir), "signal": stopper.signal_name}
 
     import jax
     import numpy as np
@@ -587,9 +744,14 @@ def run(argv: list[str] | None = None) -> dict:
     from funnel_jax.train_state import TrainState, jit_train_step, make_train_step
 
     # 2. Tokenizer and model.
+    tok_dir = out_dir / "tokenizer"
     init_candidates = resolve_init(args.init)[1] if args.init else []
     tokenizer, tok_source = load_tokenizer(
-        args, init_candidates, lambda: task.texts(train_examples), settings["vocab_size"]
+        args,
+        init_candidates,
+        lambda: task.texts(train_examples),
+        settings["vocab_size"],
+        saved=tok_dir if resuming else None,
     )
     trained_vocab = not args.tokenizer and not args.init
     rng = jax.random.PRNGKey(settings["seed"])
@@ -608,8 +770,6 @@ def run(argv: list[str] | None = None) -> dict:
         raise ConfigError(
             f"max-seq-length {max_len} is below this model's minimum {config.min_seq_len()}"
         )
-    tok_dir = out_dir / "tokenizer"
-    tokenizer.save_pretrained(tok_dir)
 
     # 3. Features.
     enc = EncodeSettings.create(tokenizer, max_len, tail_pad=truncation_stride(config) - 1)
@@ -629,25 +789,23 @@ def run(argv: list[str] | None = None) -> dict:
     eval_every = settings["eval_every"] or steps_per_epoch
 
     train_info = {
-        "task": task.name,
-        "kind": task.kind,
-        "model_class": task.model_class,
-        "metric_for_best": metric_name,
+        **run_key,
         "model": model_source,
         "tokenizer": tok_source,
-        "preset": preset_path,
-        "files": {k: str(v) for k, v in files.items()},
-        "settings": settings,
-        "num_train_examples": len(train_examples),
         "num_train_features": n_train,
-        "num_eval_examples": {k: len(v) for k, v in eval_examples.items()},
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "config": config.to_dict(),
+        "checkpointing": {
+            "save_every": args.save_every,
+            "directory": TRAIN_CHECKPOINTS,
+            "keep": KEEP_TRAIN_CHECKPOINTS,
+        },
     }
-    if hasattr(task, "info"):
-        train_info.update(task.info())
-    _write_json(out_dir / "train_config.json", train_info)
+    _check_same_run(out_dir, saved_info, train_info)
+    if not resuming or not _has_tokenizer(tok_dir):
+        save_tokenizer_atomic(tokenizer, tok_dir)
+    write_json_atomic(out_dir / "train_config.json", train_info)
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
     eval_sizes = ", ".join(f"{k or 'dev'} {len(v)}" for k, v in eval_examples.items())
     print(
@@ -672,13 +830,22 @@ def run(argv: list[str] | None = None) -> dict:
         out = module.apply({"params": p}, **inputs, deterministic=True)
         return task.outputs(out)
 
-    # 5. Evaluation and best-checkpoint bookkeeping.
-    ckpt = TrainCheckpointer(out_dir / "checkpoints", keep=1)
+    # 5. Evaluation and best-checkpoint bookkeeping. checkpoints/ holds the best parameters;
+    # after each training checkpoint only the best of that checkpoint's bookkeeping is kept
+    # there, so a restart always finds it (newer ones are made again by the replayed steps).
+    preemption.remove_leftovers(out_dir, subdirs=("checkpoints", TRAIN_CHECKPOINTS))
+    best_ckpt = TrainCheckpointer(out_dir / "checkpoints", keep=None)
     history_path = out_dir / "eval_history.jsonl"
-    history_path.write_text("")
-    best: dict[str, Any] = {"value": None, "metrics": None, "step": None}
+    best: dict[str, Any] = {"value": None, "metrics": None, "step": None, "epoch": None}
+    in_eval = {"now": False}
+
+    def keep_only_best() -> None:
+        for s in best_ckpt.all_steps():
+            if s != best["step"]:
+                best_ckpt.delete(s)
 
     def evaluate(p, step: int, epoch: float) -> dict:
+        in_eval["now"] = True
         t0 = time.time()
         all_metrics, all_preds = {}, {}
         for name, feats in eval_feats.items():
@@ -698,21 +865,32 @@ def run(argv: list[str] | None = None) -> dict:
             row = {"step": step, "epoch": round(epoch, 4), **all_metrics}
             f.write(json.dumps(row) + "\n")
         if improved:
+            best_ckpt.save(step, p, extra={"step": step, "epoch": epoch, metric_name: value})
             best.update(value=value, metrics=all_metrics, step=step, epoch=epoch)
-            ckpt.save(step, p, extra={"step": step, "epoch": epoch, metric_name: value})
             for name, preds in all_preds.items():
                 stem = out_dir / (f"predictions_{name}" if name else "predictions")
                 task.write_predictions(stem, eval_examples[name], preds)
-            _write_json(out_dir / "eval_results.json", all_metrics)
+            write_json_atomic(out_dir / "eval_results.json", all_metrics)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in all_metrics.items() if not k.endswith("total"))
         print(
             f"eval step {step} (epoch {epoch:.2f}): {shown}"
             f"{' (best)' if improved else ''} [{time.time() - t0:.1f}s]",
             flush=True,
         )
+        in_eval["now"] = False
         return all_metrics
 
+    def stopped(step: int, what: str) -> dict:
+        best_ckpt.close()
+        print(
+            f"{stopper.signal_name} received: {what}; rerun the same command to resume",
+            flush=True,
+        )
+        out = {"stopped_at": step, "total_steps": total_steps, "output_dir": str(out_dir)}
+        return {**out, "signal": stopper.signal_name}
+
     # 6. Train.
+    train_time = 0.0
     if total_steps > 0:
         opt_cfg = OptimizerConfig(
             learning_rate=settings["learning_rate"],
@@ -728,13 +906,11 @@ def run(argv: list[str] | None = None) -> dict:
             layerwise_lr_decay=settings["layerwise_lr_decay"],
         )
         tx = make_optimizer(opt_cfg)
-        step_fn = jit_train_step(
-            make_train_step(
-                loss_fn,
-                tx,
-                grad_accum_steps=opt_cfg.grad_accum_steps,
-                learning_rate_fn=learning_rate_schedule(opt_cfg),
-            )
+        train_step = make_train_step(
+            loss_fn,
+            tx,
+            grad_accum_steps=opt_cfg.grad_accum_steps,
+            learning_rate_fn=learning_rate_schedule(opt_cfg),
         )
         state = TrainState.create(params, tx, state_rng)
         del params
@@ -742,90 +918,167 @@ def run(argv: list[str] | None = None) -> dict:
         if put_batch is not None:  # several devices: shard state and batches by the rules
             put_batch, state_sh, batch_sh = put_batch
             state = jax.device_put(state, state_sh)
-            step_fn = jit_train_step(
-                make_train_step(
-                    loss_fn,
-                    tx,
-                    grad_accum_steps=opt_cfg.grad_accum_steps,
-                    learning_rate_fn=learning_rate_schedule(opt_cfg),
-                ),
-                shardings=(state_sh, batch_sh),
-            )
+            step_fn = jit_train_step(train_step, shardings=(state_sh, batch_sh))
         else:
             put_batch = lambda b: b  # noqa: E731
+            # Committed to the device like a restored state: both use one compiled step.
+            state = jax.device_put(state, jax.devices()[0])
+            step_fn = jit_train_step(train_step)
+
+        # Resume: the train state, the data position and the best-metric bookkeeping.
+        train_ckpt = TrainCheckpointer(out_dir / TRAIN_CHECKPOINTS, keep=KEEP_TRAIN_CHECKPOINTS)
+        fingerprint = {
+            "num_train_features": n_train,
+            "batch_size": batch_size,
+            "steps_per_epoch": steps_per_epoch,
+            "seed": settings["seed"],
+        }
+        start_step = train_ckpt.latest_step() if resuming else None
+        last_eval_step = 0
+        if start_step is not None:
+            state, extra = train_ckpt.restore(start_step, state)
+            position = extra.get("data", {})
+            epoch_at, batch_at = divmod(start_step, steps_per_epoch)
+            expected = {"epoch": epoch_at, "batch": batch_at}
+            if position != {**expected, **fingerprint}:
+                raise ConfigError(
+                    f"the checkpoint of step {start_step} in {train_ckpt.directory} has the data "
+                    f"position {position}, expected {expected | fingerprint}; use another "
+                    "--output-dir or --overwrite-output-dir"
+                )
+            best.update(extra["best"])
+            last_eval_step = int(extra["last_eval_step"])
+            print(
+                f"resuming from step {start_step} of {total_steps} (checkpoint in "
+                f"{train_ckpt.directory}; epoch {position['epoch']}, batch {position['batch']}"
+                f"; best {metric_name} so far {best['value']} at step {best['step']})",
+                flush=True,
+            )
+        else:
+            start_step = 0
+        keep_only_best()
+        if resuming:
+            _truncate_history(history_path, last_eval_step)
+        else:
+            history_path.write_text("")
+
+        def save_train_checkpoint(st, at: int) -> None:
+            epoch_at, batch_at = divmod(at, steps_per_epoch)  # the next batch to take
+            extra = {
+                "step": at,
+                "data": {"epoch": epoch_at, "batch": batch_at, **fingerprint},
+                "best": best,
+                "last_eval_step": last_eval_step,
+            }
+            with validation.checkpoint_write(train_ckpt.directory, at, train_ckpt.all_steps()):
+                train_ckpt.save(at, st, extra=extra)
+            train_ckpt.wait()
+            keep_only_best()
+
+        if stopper.requested:
+            train_ckpt.close()
+            return stopped(start_step, f"stopped before training at step {start_step}")
+        # A checkpoint saved on a signal at an evaluation step: that evaluation is still due.
+        due = start_step % eval_every == 0 or start_step == total_steps
+        if start_step > last_eval_step and due:
+            evaluate(state.params, start_step, start_step / steps_per_epoch)
+            last_eval_step = start_step
 
         from tqdm import tqdm
 
         bar = tqdm(
             total=total_steps,
+            initial=start_step,
             disable=args.no_progress,
             dynamic_ncols=True,
             desc=task.name,
             unit="step",
         )
         arrays = {k: train_feats.arrays[k] for k in train_keys}
-        step, pending, seen, t_log = 0, [], 0, time.time()
-        train_time = 0.0
-        epoch = 0
-        last_eval_step = -1
-        while step < total_steps:
-            order = np.random.default_rng([settings["seed"], epoch]).permutation(n_train)
-            if len(order) % batch_size:  # wrap around: fixed batch shapes, every example seen
-                extra = batch_size - len(order) % batch_size
-                order = np.concatenate([order, np.resize(order, extra)])
-            for start in range(0, len(order), batch_size):
-                if step >= total_steps:
-                    break
-                idx = order[start : start + batch_size]
+        step, pending, seen, t_log = start_step, [], 0, time.time()
+        order_epoch, order = None, None
+        stop = False
+        try:
+            while step < total_steps and not stop:
+                epoch, batch_index = divmod(step, steps_per_epoch)
+                if order_epoch != epoch:
+                    order = _epoch_order(settings["seed"], epoch, n_train, batch_size)
+                    order_epoch = epoch
+                idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
                 batch = {k: v[idx] for k, v in arrays.items()}
                 state, metrics = step_fn(state, put_batch(batch))
                 step += 1
+                stop = stopper.should_stop(step)
                 seen += batch_size
                 pending.append(metrics)
                 bar.update(1)
-                if step % args.log_every == 0 or step == total_steps:
+                if step % args.log_every == 0 or step == total_steps or stop:
                     rows = jax.device_get(pending)
                     pending = []
                     now = time.time()
                     train_time += now - t_log
                     loss = float(np.mean([r["loss"] for r in rows]))
+                    lr = float(rows[-1]["learning_rate"])
+                    ex_s = seen / max(now - t_log, 1e-9)
                     bar.set_postfix(
-                        loss=f"{loss:.4f}",
-                        lr=f"{float(rows[-1]['learning_rate']):.2e}",
-                        ex_s=f"{seen / max(now - t_log, 1e-9):.1f}",
-                        refresh=False,
+                        loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{ex_s:.1f}", refresh=False
                     )
+                    if args.no_progress:
+                        print(
+                            f"step {step}/{total_steps}: loss {loss:.4f}, lr {lr:.2e}", flush=True
+                        )
                     seen, t_log = 0, now
-                if step % eval_every == 0 or step == total_steps:
+                # On a signal the evaluation due at this step waits for the restart.
+                if (step % eval_every == 0 or step == total_steps) and not stop:
                     evaluate(state.params, step, step / steps_per_epoch)
                     last_eval_step = step
                     t_log = time.time()
-            epoch += 1
+                if stop or step == total_steps or (args.save_every and step % args.save_every == 0):
+                    save_train_checkpoint(state, step)
+        except KeyboardInterrupt:  # a second Ctrl-C: save what is consistent, then stop
+            bar.close()
+            try:
+                jax.block_until_ready(state)
+                at = int(state.step)
+                if at == step and not in_eval["now"] and train_ckpt.latest_step() != at:
+                    save_train_checkpoint(state, at)
+                print(f"\ninterrupted; the newest checkpoint is step {train_ckpt.latest_step()}")
+            except Exception as e:  # noqa: BLE001
+                print(f"\ninterrupted; no checkpoint written ({e})", file=sys.stderr)
+            train_ckpt.close()
+            best_ckpt.close()
+            raise
         bar.close()
-        if last_eval_step != total_steps:
-            evaluate(state.params, total_steps, total_steps / steps_per_epoch)
+        train_ckpt.close()
+        if stop:
+            return stopped(step, f"checkpoint of step {step} saved")
         final_params = state.params
     else:
-        train_time = 0.0
+        history_path.write_text("")
+        keep_only_best()
         evaluate(params, 0, 0.0)
         final_params = params
 
     # 7. Export the best parameters.
-    ckpt.wait()
+    best_ckpt.wait()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), final_params)
-    best_params, _ = ckpt.restore(best["step"], abstract)
-    ckpt.close()
+    best_params, _ = best_ckpt.restore(best["step"], abstract)
+    best_ckpt.close()
     tok_files = sorted(str(p) for p in tok_dir.iterdir() if p.is_file())
     save_model_dir(
         out_dir / "best_model", module, best_params, extra_files=tok_files, overwrite=True
     )
     results = dict(best["metrics"])
-    _write_json(out_dir / "eval_results.json", results)
+    write_json_atomic(out_dir / "eval_results.json", results)
     print(
         f"best {metric_name} {best['value']:.4f} at step {best['step']}; "
         f"model in {out_dir / 'best_model'}; {time.time() - t_start:.0f}s "
-        f"({train_time:.0f}s training)"
+        f"({train_time:.0f}s training)",
+        flush=True,
     )
+    if stopper.requested:  # signalled during the final evaluation / export, which completed
+        print(f"{stopper.signal_name} received: the run had finished; exiting as interrupted")
+        return {**results, "signal": stopper.signal_name}
     return results
 
 
@@ -833,6 +1086,7 @@ def main(argv=None) -> int:
     from funnel_jax import runtime
 
     runtime.use_jemalloc()
+    from funnel_jax import preemption
     from funnel_jax.tasks import DataError, SettingsError
     from funnel_jax.validation import user_errors
     from funnel_jax.weights import WeightsError
@@ -840,13 +1094,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     errors = (ConfigError, DataError, SettingsError, WeightsError, FileNotFoundError)
     try:
-        run(argv)
+        result = run(argv)
     except (*errors, *user_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return preemption.exit_code_of(result)  # 143 / 130 when stopped by SIGTERM / SIGINT
 
 
 if __name__ == "__main__":

@@ -43,6 +43,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from experiments.common import (
+    ConfigError,
+    load_json_object,
+    save_tokenizer_atomic,
+    write_json_atomic,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "pretrain"
 MODEL_CONFIG_DIR = ROOT / "configs" / "models"
@@ -80,10 +87,6 @@ RESTART_MAY_CHANGE = {
     ("train", "eval_every"),
     ("train", "max_consecutive_skips"),
 }
-
-
-class ConfigError(ValueError):
-    pass
 
 
 # --------------------------------------------------------------------------- arguments
@@ -159,17 +162,6 @@ def resolve_config_path(name: str) -> Path:
     return path
 
 
-def _load_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
-
-
 def _parse_value(text: str):
     try:
         return json.loads(text)
@@ -193,7 +185,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
 def load_run_config(args: argparse.Namespace) -> dict:
     """The settings of the run: file < --set < dedicated flags, checked and completed."""
     path = resolve_config_path(args.config)
-    raw = _strip_comments(_load_json(path))
+    raw = _strip_comments(load_json_object(path))
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown}; expected {list(SECTIONS)}")
@@ -226,7 +218,7 @@ def load_run_config(args: argparse.Namespace) -> dict:
         if not preset_path.is_file():
             names = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
             raise ConfigError(f"model.preset {preset!r} not found in configs/models/ ({names})")
-        base = _load_json(preset_path)
+        base = load_json_object(preset_path)
         for k in ("architectures", "model_type", "tie_word_embeddings"):
             base.pop(k, None)
         if "block_sizes" in model and "block_repeats" not in model:
@@ -325,27 +317,8 @@ class _NullLog:
 
 
 def _write_json(path: Path, obj) -> None:
-    if not _is_main():
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _enable_compile_cache(directory: str) -> None:
-    if not directory:
-        return
-    import jax
-
-    path = os.path.expanduser(directory)
-    try:
-        os.makedirs(path, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    except Exception as e:  # noqa: BLE001 (a cache is an optimisation only)
-        print(f"warning: no compilation cache ({e})", file=sys.stderr)
+    if _is_main():
+        write_json_atomic(path, obj)
 
 
 def _get_tokenizer(cfg: dict, args, out_dir: Path, documents_fn):
@@ -358,7 +331,7 @@ def _get_tokenizer(cfg: dict, args, out_dir: Path, documents_fn):
             raise FileNotFoundError(f"--tokenizer directory not found: {src}")
         tok = FunnelTokenizer.from_pretrained(src)
         if not (tok_dir / "tokenizer.json").is_file() and _is_main():
-            tok.save_pretrained(tok_dir)
+            save_tokenizer_atomic(tok, tok_dir)
         return tok, tok_dir, False
     if (tok_dir / "tokenizer.json").is_file():
         return FunnelTokenizer.from_pretrained(tok_dir), tok_dir, False
@@ -370,11 +343,11 @@ def _get_tokenizer(cfg: dict, args, out_dir: Path, documents_fn):
         from jax.experimental import multihost_utils
 
         if _is_main():
-            _train_tokenizer(cfg, documents_fn()).save_pretrained(tok_dir)
+            save_tokenizer_atomic(_train_tokenizer(cfg, documents_fn()), tok_dir)
         multihost_utils.sync_global_devices("funnel_jax tokenizer")
         return FunnelTokenizer.from_pretrained(tok_dir), tok_dir, True
     tok = _train_tokenizer(cfg, documents_fn())
-    tok.save_pretrained(tok_dir)
+    save_tokenizer_atomic(tok, tok_dir)
     return tok, tok_dir, True
 
 
@@ -417,7 +390,7 @@ def build_from_output_dir(output_dir: str | os.PathLike):
     from funnel_jax.tokenizer import FunnelTokenizer
 
     out = Path(output_dir)
-    cfg = _load_json(out / "run_config.json")
+    cfg = load_json_object(out / "run_config.json")
     tok = FunnelTokenizer.from_pretrained(out / "tokenizer")
     model_cfg, objective_cfg, opt_cfg, total_steps = resolve_settings(cfg, tok)
     objective, tx, *_ = _build(
@@ -615,13 +588,29 @@ def run(argv: list[str] | None = None) -> dict:
     """Run (or resume) a pretraining job; returns the summary dict (see module docstring).
 
     With --stop-after K < steps it returns {"stopped_at": K, ...} after saving a checkpoint.
+    On SIGTERM / SIGINT it returns {"stopped_at": step, "signal": "SIGTERM", ...} (a summary with
+    "signal" when the signal came during the final evaluation and export, which completes).
     """
     t_start = time.time()
     args = parse_args(argv)
+    from funnel_jax import preemption
+
+    # SIGTERM / SIGINT from the start on only set a flag (funnel_jax/preemption.py), read before
+    # training, after each step, and once the final export is complete. (Only process 0 prints
+    # once jax.distributed is up: asking JAX before that would start its backend too early.)
+    stopper = preemption.PreemptionHandler().install()
+    try:
+        return _run(args, stopper, t_start)
+    finally:
+        stopper.uninstall()
+
+
+def _run(args: argparse.Namespace, stopper, t_start: float) -> dict:
     from funnel_jax import sharding
 
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     cfg = load_run_config(args)
+    stopper.sync_every = cfg["train"]["log_every"]
     cfg["corpus"] = [str(Path(p).absolute()) for p in args.corpus] if args.corpus else None
     cfg["tokenizer"] = str(Path(args.tokenizer).absolute()) if args.tokenizer else None
     out_dir = Path(args.output_dir)
@@ -631,7 +620,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     run_config_path = out_dir / "run_config.json"
     if run_config_path.exists():
-        saved = _load_json(run_config_path)
+        saved = load_json_object(run_config_path)
         diffs = _config_diff(saved, cfg)
         if diffs:
             raise ConfigError(
@@ -640,13 +629,15 @@ def run(argv: list[str] | None = None) -> dict:
             )
     summary_path = out_dir / "summary.json"
     if summary_path.exists() and (out_dir / "final").is_dir():
-        summary = _load_json(summary_path)
+        summary = load_json_object(summary_path)
         print(f"{out_dir}: this run has already finished; nothing to do.")
         print(format_summary(summary))
         return {**summary, "already_finished": True}
     _write_json(run_config_path, cfg)
 
-    _enable_compile_cache(args.compile_cache)
+    from funnel_jax.runtime import enable_compile_cache
+
+    enable_compile_cache(args.compile_cache)
     import flax.linen as nn
     import jax
     import numpy as np
@@ -658,6 +649,7 @@ def run(argv: list[str] | None = None) -> dict:
     from funnel_jax.train_state import abstract_train_state, jit_train_step
 
     is_main = jax.process_index() == 0
+    stopper.verbose = is_main
     dcfg, tcfg = cfg["data"], cfg["train"]
     steps, seed = tcfg["steps"], tcfg["seed"]
     stop_at = steps if args.stop_after is None else min(args.stop_after, steps)
@@ -749,6 +741,20 @@ def run(argv: list[str] | None = None) -> dict:
         preemption.remove_leftovers(out_dir)
     ckpt = TrainCheckpointer(out_dir / "checkpoints", keep=tcfg["keep_checkpoints"])
     start_step = ckpt.latest_step()
+
+    def stopped_before_training(at: int) -> dict:
+        """A signal during start-up: nothing new to save (the state is step 0 or restored)."""
+        ckpt.close()
+        if is_main:
+            print(
+                f"{stopper.signal_name} received before training: stopped at step {at} (nothing "
+                "new to save); rerun the command to resume"
+            )
+        stopped = {"stopped_at": at, "steps": steps, "output_dir": str(out_dir)}
+        return {**stopped, "signal": stopper.signal_name}
+
+    if pc == 1 and stopper.requested:  # (several processes: they agree at the check below)
+        return stopped_before_training(start_step or 0)
     if start_step is not None:
         abstract = abstract_train_state(objective.abstract_params(), tx)
         if mesh is not None:
@@ -776,7 +782,7 @@ def run(argv: list[str] | None = None) -> dict:
     log = MetricsLog(out_dir, start_step, steps) if is_main else _NullLog()
     start_eval_path = out_dir / "eval_start.json"
     if start_eval_path.exists():
-        start_metrics = _load_json(start_eval_path)
+        start_metrics = load_json_object(start_eval_path)
     else:
         start_metrics = evaluate(eval_step, state.params, eval_batches, eval_rng)
         _write_json(start_eval_path, start_metrics)
@@ -788,6 +794,10 @@ def run(argv: list[str] | None = None) -> dict:
         f"{' (trained)' if trained else ''}, seq {seq_len}, batch {batch_size}, "
         f"{train_data.num_tokens:,} train tokens, steps {start_step}->{stop_at} of {steps}"
     )
+
+    if stopper.should_stop(start_step):  # a collective on several processes: all stop here
+        log.close()
+        return stopped_before_training(start_step)
 
     def save_checkpoint(st):
         with validation.checkpoint_write(ckpt.directory, int(st.step), ckpt.all_steps()):
@@ -805,7 +815,6 @@ def run(argv: list[str] | None = None) -> dict:
     )
     pending: list = []
     # SIGTERM/SIGINT: stop after the step in flight, with a checkpoint (funnel_jax/preemption.py)
-    stopper = preemption.PreemptionHandler(sync_every=tcfg["log_every"], verbose=is_main).install()
     skip_guard = validation.SkipGuard(tcfg["max_consecutive_skips"])
     tokens_since, t_log = 0, time.time()
     train_tokens, train_time, compile_s = 0, 0.0, 0.0
@@ -869,8 +878,6 @@ def run(argv: list[str] | None = None) -> dict:
             print(f"\ninterrupted; no checkpoint written ({e}); rerun to resume", file=sys.stderr)
         log.close()
         raise
-    finally:
-        stopper.uninstall()
     bar.close()
 
     if ckpt.latest_step() != step:
@@ -917,6 +924,10 @@ def run(argv: list[str] | None = None) -> dict:
     }
     _write_json(summary_path, summary)
     print(format_summary(summary))
+    if stopper.requested:  # signalled during the final evaluation / export, which completed
+        if is_main:
+            print(f"{stopper.signal_name} received: the run had finished; exiting as interrupted")
+        return {**summary, "signal": stopper.signal_name}
     return summary
 
 

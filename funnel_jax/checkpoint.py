@@ -434,13 +434,14 @@ class TrainCheckpointer:
         )
         return bool(self._manager.save(step, args=args, force=force))
 
-    def restore(self, step: int | None, abstract_state) -> tuple[Any, dict]:
+    def restore(self, step: int | None, abstract_state=None) -> tuple[Any, dict]:
         """Restore `(state, extra)` of `step` (None: the latest) onto `abstract_state`.
 
         `abstract_state`: a pytree of `jax.ShapeDtypeStruct` (with `.sharding` where the arrays
         should go; none: the default device) or of arrays (their shardings are used). Values are
         cast to the requested dtypes. A tree that differs from the checkpoint in names or shapes
-        raises CheckpointMismatchError listing every difference.
+        raises CheckpointMismatchError listing every difference. Without `abstract_state` the
+        state comes back as stored, as nested dicts of numpy arrays (for inspection).
         """
         self.wait()
         steps = self.all_steps()
@@ -452,6 +453,12 @@ class TrainCheckpointer:
         if step not in steps:
             raise FileNotFoundError(
                 f"no complete checkpoint for step {step} in {self.directory} (have {steps})"
+            )
+        if abstract_state is None:
+            meta = self._manager.item_metadata(step)["state"]
+            meta = getattr(meta, "tree", meta)
+            abstract_state = jax.tree.map(
+                lambda m: np.empty(tuple(m.shape), np.dtype(m.dtype)), meta
             )
         target = jax.tree.map(_abstract_leaf, abstract_state)
         meta = self._manager.item_metadata(step)["state"]
@@ -470,6 +477,13 @@ class TrainCheckpointer:
             ),
         )
         return restored["state"], dict(restored["extra"] or {})
+
+    def delete(self, step: int) -> None:
+        """Remove the complete checkpoint of `step` (a no-op when there is none)."""
+        self.wait()
+        step = int(step)
+        if step in self.all_steps():
+            self._manager.delete(step)
 
     def wait(self) -> None:
         """Block until a background save has finished."""

@@ -145,15 +145,17 @@ _LEFTOVER = re.compile(
 )
 
 
-def remove_leftovers(out_dir: str | os.PathLike) -> list[Path]:
-    """Remove what a killed run leaves behind in `out_dir` and `out_dir/checkpoints`:
-    unfinished Orbax step directories (`<step>.orbax-checkpoint-tmp*`), unfinished or replaced
-    atomic directories (`.final.tmp-*`, `.final.old-*`) and JSON files (`*.json.tmp`). They are
-    never read (Orbax lists only finalised steps; the others are renamed into place only when
-    complete), so this only frees disk space. Call it on process 0 before the checkpointer is
-    created."""
+def remove_leftovers(
+    out_dir: str | os.PathLike, subdirs: tuple[str, ...] = ("checkpoints",)
+) -> list[Path]:
+    """Remove what a killed run leaves behind in `out_dir` and its checkpoint directories
+    `out_dir/<subdir>`: unfinished Orbax step directories (`<step>.orbax-checkpoint-tmp*`),
+    unfinished or replaced atomic directories (`.final.tmp-*`, `.final.old-*`,
+    `.tokenizer.tmp-*`) and JSON files (`*.json.tmp`). They are never read (Orbax lists only
+    finalised steps; the others are renamed into place only when complete), so this only frees
+    disk space. Call it on process 0 before the checkpointers are created."""
     removed = []
-    for d in (Path(out_dir), Path(out_dir) / "checkpoints"):
+    for d in (Path(out_dir), *(Path(out_dir) / s for s in subdirs)):
         if not d.is_dir():
             continue
         for p in d.iterdir():

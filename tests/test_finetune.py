@@ -47,12 +47,17 @@ def _words(rng, k):
 def pretrained(tmp_path_factory):
     """A pretraining output dir: final/ (random tiny FunnelForPreTraining + tokenizer files)
     and tokenizer/."""
+    return make_pretrained_dir(tmp_path_factory.mktemp("pretrain_run"))
+
+
+def make_pretrained_dir(root: Path) -> Path:
+    """Write a pretraining output dir into `root` (see the `pretrained` fixture); also used by
+    tests/test_finetune_reliability.py."""
     from funnel_jax.checkpoint import save_model_dir
     from funnel_jax.config import FunnelConfig
     from funnel_jax.models import FunnelForPreTraining, init_params
     from funnel_jax.tokenizer import FunnelTokenizer
 
-    root = tmp_path_factory.mktemp("pretrain_run")
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS + SPECIAL_WORDS) for _ in range(12)) for _ in range(300)]
     tok = FunnelTokenizer.train(iter(texts), vocab_size=200, min_frequency=1)

@@ -627,7 +627,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(small_run_inputs, tmp_p
         ]
 
     assert train_rows(full) == train_rows(split)
-    assert resumed["end"] == pretrain._load_json(full / "summary.json")["end"]
+    assert resumed["end"] == pretrain.load_json_object(full / "summary.json")["end"]
 
 
 def test_discriminator_learns_in_100_steps(small_run_inputs, tmp_path):

@@ -132,7 +132,7 @@ def _last_step(out: Path, since: float = 0.0) -> int:
     return max((r["step"] for r in rows if r.get("split") == "train"), default=0)
 
 
-def _wait_for(proc: subprocess.Popen, ready, log: Path, timeout: float = 240.0) -> None:
+def wait_for(proc: subprocess.Popen, ready, log: Path, timeout: float = 240.0) -> None:
     t0 = time.time()
     while not ready():
         if proc.poll() is not None:
@@ -184,7 +184,7 @@ def test_sigkill_and_sigterm_at_random_moments_resume_bit_identically(inputs, tm
     # 1. SIGKILL at a random step after the first checkpoint (step 5).
     k1 = rng.randint(6, 9)
     proc, t0 = _start(args, log), time.time()
-    _wait_for(proc, lambda: _last_step(split, t0) >= k1, log)
+    wait_for(proc, lambda: _last_step(split, t0) >= k1, log)
     time.sleep(rng.uniform(0.0, 0.2))
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
@@ -200,7 +200,7 @@ def test_sigkill_and_sigterm_at_random_moments_resume_bit_identically(inputs, tm
         FUNNEL_TEST_SAVE_MARKER=str(marker),
         FUNNEL_TEST_SAVE_SLEEP="60",
     )
-    _wait_for(proc, marker.exists, log)
+    wait_for(proc, marker.exists, log)
     held = int(marker.read_text().split()[0])
     unfinished = list((split / "checkpoints").glob(f"{held}.orbax-checkpoint-tmp*"))
     proc.kill()
@@ -211,7 +211,7 @@ def test_sigkill_and_sigterm_at_random_moments_resume_bit_identically(inputs, tm
     # 3. SIGKILL at another random step (the restart resumes before `held`).
     k3 = rng.randint(held + 1, 21)
     proc, t0 = _start(args, log), time.time()
-    _wait_for(proc, lambda: _last_step(split, t0) >= k3, log)
+    wait_for(proc, lambda: _last_step(split, t0) >= k3, log)
     time.sleep(rng.uniform(0.0, 0.2))
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
@@ -220,7 +220,7 @@ def test_sigkill_and_sigterm_at_random_moments_resume_bit_identically(inputs, tm
     # 4. SIGTERM: a checkpoint at the exact step reached, exit status 128 + 15.
     k4 = rng.randint(k3 + 1, 28)
     proc, t0 = _start(args, log), time.time()
-    _wait_for(proc, lambda: _last_step(split, t0) >= k4, log)
+    wait_for(proc, lambda: _last_step(split, t0) >= k4, log)
     time.sleep(rng.uniform(0.0, 0.2))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()
