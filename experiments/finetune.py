@@ -193,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-every", type=int, default=10, help="steps between loss updates")
     p.add_argument(
+        "--max-consecutive-skips",
+        type=int,
+        default=10,
+        help="stop after this many steps in a row with a non-finite loss or gradients (their "
+        "updates are skipped and counted); default 10",
+    )
+    p.add_argument(
         "--save-every",
         type=int,
         default=DEFAULT_SAVE_EVERY,
@@ -659,6 +666,10 @@ def _run(args, stopper, t_start: float) -> dict:
         raise ConfigError(f"save-every must be >= 0 (got {args.save_every})")
     if args.log_every < 1:
         raise ConfigError(f"log-every must be a positive integer (got {args.log_every})")
+    if args.max_consecutive_skips < 1:
+        raise ConfigError(
+            f"max-consecutive-skips must be a positive integer (got {args.max_consecutive_skips})"
+        )
 
     from funnel_jax import preemption, validation
     from funnel_jax.tasks import get_task
@@ -995,6 +1006,9 @@ def _run(args, stopper, t_start: float) -> dict:
             unit="step",
         )
         arrays = {k: train_feats.arrays[k] for k in train_keys}
+        skip_guard = validation.SkipGuard(
+            args.max_consecutive_skips, setting="--max-consecutive-skips"
+        )
         step, pending, seen, t_log = start_step, [], 0, time.time()
         order_epoch, order = None, None
         stop = False
@@ -1015,17 +1029,24 @@ def _run(args, stopper, t_start: float) -> dict:
                 if step % args.log_every == 0 or step == total_steps or stop:
                     rows = jax.device_get(pending)
                     pending = []
+                    skip_guard.update(step - len(rows) + 1, [r["skipped"] for r in rows])
                     now = time.time()
                     train_time += now - t_log
                     loss = float(np.mean([r["loss"] for r in rows]))
                     lr = float(rows[-1]["learning_rate"])
                     ex_s = seen / max(now - t_log, 1e-9)
                     bar.set_postfix(
-                        loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{ex_s:.1f}", refresh=False
+                        loss=f"{loss:.4f}",
+                        lr=f"{lr:.2e}",
+                        ex_s=f"{ex_s:.1f}",
+                        skipped=skip_guard.total,
+                        refresh=False,
                     )
                     if args.no_progress:
+                        skipped = f", skipped {skip_guard.total}" if skip_guard.total else ""
                         print(
-                            f"step {step}/{total_steps}: loss {loss:.4f}, lr {lr:.2e}", flush=True
+                            f"step {step}/{total_steps}: loss {loss:.4f}, lr {lr:.2e}{skipped}",
+                            flush=True,
                         )
                     seen, t_log = 0, now
                 # On a signal the evaluation due at this step waits for the restart.

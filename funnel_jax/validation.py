@@ -146,8 +146,9 @@ class SkipGuard:
         guard.update(first_step, [m["skipped"] for m in fetched_rows])   # raises past the limit
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, setting: str = "train.max_consecutive_skips"):
         self.limit = int(limit)
+        self.setting = setting  # how the user sets the limit, for the message
         self.streak = 0  # consecutive skipped steps ending at the last step seen
         self.total = 0
 
@@ -166,7 +167,7 @@ class SkipGuard:
                     raise TooManySkippedSteps(
                         f"steps {step - self.streak + 1}..{step}: {self.streak} consecutive steps "
                         "had a non-finite loss or gradients (their updates were skipped; "
-                        f"train.max_consecutive_skips={self.limit}); the run stopped at step "
+                        f"{self.setting}={self.limit}); the run stopped at step "
                         f"{step}{detected} without saving. The newest checkpoint was kept: lower "
                         "the learning rate, use float32, or check the data before resuming"
                     )

@@ -346,3 +346,32 @@ def test_pretrain_signal_during_the_final_export_completes_it(
     assert (out / "final" / "config.json").is_file()
     monkeypatch.undo()
     assert pretrain.run(args)["already_finished"] is True
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run_naming_them(inputs, tmp_path):
+    """A learning rate of 1e30 makes every step after the first non-finite: the updates are
+    skipped and counted, and the run stops with exit status 2 after --max-consecutive-skips in a
+    row, naming the steps; the checkpoints saved before stay."""
+    out = tmp_path / "nan_run"
+    args = _args(inputs, out, "--max-consecutive-skips", "3")
+    args[args.index("--learning-rate") + 1] = "1e30"
+    args[args.index("--save-every") + 1] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.finetune", *args],
+        cwd=ROOT,
+        env=_env(inputs),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 2, log
+    match = re.search(r"steps (\d+)\.\.(\d+): 3 consecutive steps had a non-finite", log)
+    assert match, log
+    first, last = int(match[1]), int(match[2])
+    assert last - first == 2 and first >= 2, log
+    assert "--max-consecutive-skips=3" in log
+    # the step before the last was logged with its running count; the last one stopped the run
+    assert re.search(rf"step {last - 1}/\d+: loss (nan|inf), lr [^,]+, skipped 2", log), log
+    saved = _complete_steps(out)  # --save-every 1: every step before the stop was saved
+    assert saved and max(saved) == last - 1, (saved, log)
