@@ -1,0 +1,136 @@
+"""The speed tooling runs end to end on a tiny config and reports what it claims to."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from experiments import benchmark, profile_summary
+
+TINY = dict(
+    vocab_size=96,
+    block_sizes=[1, 2],
+    d_model=32,
+    n_head=2,
+    d_head=16,
+    d_inner=64,
+    num_decoder_layers=2,
+)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    out = root / "BENCH.md"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUNNEL_JAX_NO_JEMALLOC", "1")  # main() would re-execute itself with jemalloc
+        result = benchmark.main(
+            [
+                "--config",
+                str(config),
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "64",
+                "--repeats",
+                "1",
+                "--iters",
+                "1",
+                "--only",
+                "train,memory",
+                "--memory-policies",
+                "full",
+                "--attention-impl",
+                "einsum,fused_bias",
+                "--profile",
+                str(root / "prof"),
+                "--output",
+                str(out),
+            ]
+        )
+    return result, out.read_text()
+
+
+def test_rows_for_every_implementation(run):
+    result, _ = run
+    rows = {(what, impl) for what, times, _, _ in result["results"] for impl in times}
+    train = "train step FunnelForPreTraining"
+    assert {(train, "jax"), (train, "jax fused_bias"), (train, "torch")} <= rows
+    assert (train, "torch fused AdamW") in rows
+    for _, times, flops, peak in result["results"]:
+        assert flops > 0 and peak > 0
+        assert all(t > 0 for t in times.values())
+
+
+def test_memory_row_of_the_compiled_step(run):
+    result, _ = run
+    (row,) = result["memory"]
+    assert row["policy"] == "full" and row["batch"] == 2
+    assert 0 < row["residual_bytes"] and 0 < row["temp_bytes"] < row["xla_total_bytes"]
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_remat_shrinks_what_the_backward_keeps(scan_layers):
+    """Residual bytes of the loss's vjp, per remat policy: `full` keeps only each layer's inputs
+    (and the masks), `dots` the matmul outputs; both far below no remat. Tracing only."""
+    import jax
+    import jax.numpy as jnp
+
+    import funnel_jax as fj
+    from funnel_jax.config import FunnelConfig
+
+    kept = {}
+    for policy in ("none", "dots", "full"):
+        config = FunnelConfig(**TINY, remat_policy=policy, scan_layers=scan_layers)
+        module = fj.FunnelForPreTraining(config=config)
+        params = fj.abstract_params(module)
+        ids, tt, labels = benchmark.synthetic_batch(config, 8, 256)
+        inputs = {
+            "input_ids": jnp.asarray(ids),
+            "attention_mask": jnp.ones_like(ids),
+            "token_type_ids": jnp.asarray(tt),
+        }
+        kept[policy] = benchmark.residual_bytes(module, params, inputs, jnp.asarray(labels))
+    assert jax.tree.leaves(params)
+    assert kept["full"] * 5 < kept["none"], kept
+    assert kept["full"] < kept["dots"] < kept["none"], kept
+
+
+def test_markdown_holds_the_command_tables_and_profile(run):
+    _, text = run
+    assert "- command: `python -m experiments.benchmark --config" in text
+    assert "| train step FunnelForPreTraining | jax fused_bias |" in text
+    assert "| remat policy | kept for the backward (GiB) |" in text and "| full |" in text
+    assert "Per-op breakdown" in text and "| op kind | ops | ms | share |" in text
+
+
+def _event(pid, name, dur, module="jit_train_step"):
+    args = {"hlo_op": name, "hlo_module": module}
+    return {"ph": "X", "pid": pid, "tid": 1, "ts": 0, "dur": dur, "name": name, "args": args}
+
+
+def test_profile_summary_sums_device_ops_by_kind(tmp_path):
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        _event(2, "fusion.1", 30.0),
+        _event(2, "fusion.2", 10.0),
+        _event(2, "dot.7", 60.0),
+        _event(2, "dot.8", 5.0, module="jit_other"),
+        _event(1, "host_side.3", 1000.0),  # host events are ignored when device ones exist
+        {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 99.0, "name": "no hlo op"},
+    ]
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+    times = profile_summary.op_times(tmp_path, "jit_train_step")
+    assert times == {"fusion.1": 30.0, "fusion.2": 10.0, "dot.7": 60.0}
+    table = profile_summary.summarize(tmp_path, "jit_train_step")
+    assert "| dot | 1 | 0.1 | 60.0% |" in table
+    assert "| fusion | 2 | 0.0 | 40.0% |" in table
