@@ -189,14 +189,14 @@ class AttentionInputs:
 
 
 def relative_shift(scores: Array, context_len: int, shift: int) -> Array:
-    """[B, N, S, R] scores per relative distance -> [B, N, S, T] scores per key.
+    """[..., S, R] scores per relative distance -> [..., S, T] scores per key.
 
     A reshape trick (no gather): viewing the [S, R] block as [R, S] and dropping `shift` rows
     shifts each query row by one more position than the previous one.
     """
-    b, n, s, r = scores.shape
-    scores = scores.reshape(b, n, r, s)[:, :, shift:, :]
-    scores = scores.reshape(b, n, s, r - shift)
+    *lead, s, r = scores.shape
+    scores = scores.reshape(*lead, r, s)[..., shift:, :]
+    scores = scores.reshape(*lead, s, r - shift)
     return scores[..., :context_len]
 
 
@@ -226,8 +226,9 @@ class Einsum(nn.Module):
 class FunnelRelMultiheadAttention(nn.Module):
     """Relative multi-head attention with the token-type term, computed head-major.
 
-    Heads lead ([B, N, S, H]) so that every score is one batched matmul per head with the batch
-    folded into its rows, and the relative shift is a reshape of contiguous [S, R] blocks.
+    Heads lead, even before the batch ([N, B, S, H]): the positional score is then one matmul per
+    head with the batch folded into its rows ('NBSH,NRH->NBSR'), XLA needs no transpose around
+    it, and the relative shift is a reshape of contiguous [S, R] blocks.
     """
 
     config: FunnelConfig
@@ -257,9 +258,9 @@ class FunnelRelMultiheadAttention(nn.Module):
             p = self.param(name, uniform_init(cfg.initializer_range, axes), shape, pdt)
             return p.astype(dt)
 
-        q = Einsum("BSD,DNH->BNSH", **proj, name="q_head", **kw)(query) * scale
+        q = Einsum("BSD,DNH->NBSH", **proj, name="q_head", **kw)(query) * scale
         k, k_bias = Einsum(
-            "BTD,DNH->BNTH",
+            "BTD,DNH->NBTH",
             **proj,
             bias_shape=(n, h),
             bias_axes=("heads", "kv"),
@@ -267,15 +268,15 @@ class FunnelRelMultiheadAttention(nn.Module):
             **kw,
         )(key_value)
         v, v_bias = Einsum(
-            "BTD,DNH->BNTH",
+            "BTD,DNH->NBTH",
             **proj,
             bias_shape=(n, h),
             bias_axes=("heads", "kv"),
             name="v_head",
             **kw,
         )(key_value)
-        k = k + k_bias[:, None, :]
-        v = v + v_bias[:, None, :]
+        k = k + k_bias[:, None, None, :]
+        v = v + v_bias[:, None, None, :]
         r_w_bias = param("r_w_bias", (n, h), ("heads", "kv"))
         r_r_bias = param("r_r_bias", (n, h), ("heads", "kv"))
         r_kernel = param("r_kernel", (d, n, h), ("embed", "heads", "kv"))
@@ -283,41 +284,42 @@ class FunnelRelMultiheadAttention(nn.Module):
         seg_embed = param("seg_embed", (2, n, h), ("segment", "heads", "kv"))
 
         def shifted(bias):  # q + bias * scale, bias [N, H]
-            return q + (bias * scale)[:, None, :]
+            return q + (bias * scale)[:, None, None, :]
 
         context_len = key_value.shape[1]
         positional = self._positional(inputs.position, shifted(r_r_bias), r_kernel, context_len)
         # Token type: seg_embed[1] for the same segment (or <cls>), seg_embed[0] otherwise.
-        tt_bias = jnp.einsum("BNSH,KNH->BNSK", shifted(r_s_bias), seg_embed)
+        tt_bias = jnp.einsum("NBSH,KNH->NBSK", shifted(r_s_bias), seg_embed)
         token_type = jnp.where(
-            inputs.token_type_mat[:, None], tt_bias[..., 1:2], tt_bias[..., 0:1]
-        )  # BNST
+            inputs.token_type_mat[None], tt_bias[..., 1:2], tt_bias[..., 0:1]
+        )  # NBST
         bias = positional + token_type
         if inputs.cls_mask is not None:
             bias = bias * inputs.cls_mask.astype(dt)
-        mask = inputs.attention_mask.astype(jnp.float32)[:, None, None, :]
+        mask = inputs.attention_mask.astype(jnp.float32)[None, :, None, :]
         mask_bias = -structure.MASK_INF * (1.0 - mask)
 
         fused = cfg.attention_impl == "fused_bias" and not output_attentions
         if fused and (deterministic or cfg.attention_dropout == 0.0):
             # softmax((q + r_w_bias) k^T + bias) v in one fused call (cuDNN on GPU).
             attn = jax.nn.dot_product_attention(
-                shifted(r_w_bias).transpose(0, 2, 1, 3),
-                k.transpose(0, 2, 1, 3),
-                v.transpose(0, 2, 1, 3),
-                bias=(bias.astype(jnp.float32) + mask_bias).astype(dt),
+                shifted(r_w_bias).transpose(1, 2, 0, 3),
+                k.transpose(1, 2, 0, 3),
+                v.transpose(1, 2, 0, 3),
+                bias=(bias.astype(jnp.float32) + mask_bias).astype(dt).transpose(1, 0, 2, 3),
                 scale=1.0,
-            ).transpose(0, 2, 1, 3)  # BNSH
-            prob = None
+            )  # BSNH
+            attn_eq, prob = "BSNH,NHD->BSD", None
         else:
-            content = jnp.einsum("BNSH,BNTH->BNST", shifted(r_w_bias), k)
+            content = jnp.einsum("NBSH,NBTH->NBST", shifted(r_w_bias), k)
             score = (content + bias).astype(jnp.float32) + mask_bias
             prob = checkpoint_name(jax.nn.softmax(score, axis=-1).astype(dt), "attention_probs")
             prob = nn.Dropout(cfg.attention_dropout)(prob, deterministic=deterministic)
-            attn = jnp.einsum("BNST,BNTH->BNSH", prob, v)
+            attn = jnp.einsum("NBST,NBTH->NBSH", prob, v)
+            attn_eq = "NBSH,NHD->BSD"
 
         out, out_bias = Einsum(
-            "BNSH,NHD->BSD",
+            attn_eq,
             kernel_shape=(n, h, d),
             kernel_axes=("heads", "kv", "embed"),
             std=linear_std(cfg, n * h, d),
@@ -329,21 +331,21 @@ class FunnelRelMultiheadAttention(nn.Module):
         out = nn.Dropout(cfg.hidden_dropout)(out + out_bias, deterministic=deterministic)
         residual = query.astype(jnp.float32) + out.astype(jnp.float32)
         out = LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm")(residual)
-        return out, (prob if output_attentions else None)
+        return out, (prob.transpose(1, 0, 2, 3) if output_attentions else None)  # BNST
 
     def _positional(self, position, q_r: Array, r_kernel: Array, context_len: int) -> Array:
-        """Positional score [B, N, S, T]; q_r = scaled query + r_r_bias * scale, [B, N, S, H]."""
+        """Positional score [N, B, S, T]; q_r = scaled query + r_r_bias * scale, [N, B, S, H]."""
         dt = self.dtype
         if self.config.attention_type == "factorized":
             phi, pi, psi, omega = (p.astype(dt) for p in position)
-            q_r_att = jnp.einsum("BNSH,DNH->BNSD", q_r, r_kernel)
-            return jnp.einsum("BNSD,TD->BNST", q_r_att * phi, psi) + jnp.einsum(
-                "BNSD,TD->BNST", q_r_att * pi, omega
+            q_r_att = jnp.einsum("NBSH,DNH->NBSD", q_r, r_kernel)
+            return jnp.einsum("NBSD,TD->NBST", q_r_att * phi, psi) + jnp.einsum(
+                "NBSD,TD->NBST", q_r_att * pi, omega
             )
         (r,) = position
         shift = 2 if q_r.shape[2] != context_len else 1
         r_head = jnp.einsum("RD,DNH->NRH", r.astype(dt), r_kernel)  # once per head, no batch
-        scores = jnp.einsum("BNSH,NRH->BNSR", q_r, r_head)
+        scores = jnp.einsum("NBSH,NRH->NBSR", q_r, r_head)  # batch folded into the rows
         return relative_shift(scores, context_len, shift)
 
 
