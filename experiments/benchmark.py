@@ -77,16 +77,12 @@ def timed(fn, iters: int) -> float:
 
 def matmul_peak(dtype_name: str, repeats: int = 5) -> dict:
     """FLOP/s of a large square matmul, in JAX and torch; the larger is the device peak."""
-    import jax
-    import jax.numpy as jnp
 
     n = matmul_size()
-    dt = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    jax_t = statistics.median(timed(lambda: f(a).block_until_ready(), 3) for _ in range(repeats))
-    out = {"jax": 2 * n**3 / jax_t}
+    run, flops = matmul_fn(dtype_name)
+    run()
+    jax_t = statistics.median(timed(run, 3) for _ in range(repeats))
+    out = {"jax": flops / jax_t}
     try:
         import torch
 
@@ -129,23 +125,28 @@ def matmul_fn(dtype_name: str):
     return (lambda: f(a).block_until_ready()), 2 * n**3
 
 
+def discriminator_loss_fn(module, inputs, labels, dropout_rng):
+    """params -> the ELECTRA discriminator loss, dropout on."""
+    from funnel_jax import losses
+
+    def loss_fn(p):
+        logits = module.apply(
+            {"params": p}, **inputs, deterministic=False, rngs={"dropout": dropout_rng}
+        ).logits
+        return losses.discriminator_loss(logits, labels, inputs["attention_mask"])
+
+    return loss_fn
+
+
 def make_train_step(module, tx):
     """The ELECTRA discriminator step timed here: forward with dropout, backward, AdamW."""
     import jax
     import optax
 
-    from funnel_jax import losses
-
     def train_step(state, inputs, labels):
         params, opt_state, rng = state
         rng, drop = jax.random.split(rng)
-
-        def loss_fn(p):
-            logits = module.apply(
-                {"params": p}, **inputs, deterministic=False, rngs={"dropout": drop}
-            ).logits
-            return losses.discriminator_loss(logits, labels, inputs["attention_mask"])
-
+        loss_fn = discriminator_loss_fn(module, inputs, labels, drop)
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state, rng), loss
@@ -184,6 +185,19 @@ def compiled(what: str, jitted, *args):
     return exe
 
 
+def jax_batch(config, batch, seq_len):
+    """(inputs dict, labels) of synthetic_batch as JAX arrays, no padding."""
+    import jax.numpy as jnp
+
+    ids, tt, labels = synthetic_batch(config, batch, seq_len)
+    inputs = {
+        "input_ids": jnp.asarray(ids),
+        "attention_mask": jnp.ones_like(ids),
+        "token_type_ids": jnp.asarray(tt),
+    }
+    return inputs, jnp.asarray(labels)
+
+
 class JaxBench:
     def __init__(self, config, batch, seq_len, dtype_name, parts=("forward", "train")):
         import jax
@@ -193,13 +207,7 @@ class JaxBench:
 
         self.jax = jax
         dt = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
-        ids, tt, labels = synthetic_batch(config, batch, seq_len)
-        self.inputs = dict(
-            input_ids=jnp.asarray(ids),
-            attention_mask=jnp.ones_like(ids),
-            token_type_ids=jnp.asarray(tt),
-        )
-        self.labels = jnp.asarray(labels)
+        self.inputs, self.labels = jax_batch(config, batch, seq_len)
         self.fwd = {}
         if "forward" in parts:
             for name in ("FunnelModel", "FunnelBaseModel"):
@@ -248,14 +256,7 @@ def residual_bytes(module, params, inputs, labels) -> int:
 
     import jax
 
-    from funnel_jax import losses
-
-    def loss(p):
-        logits = module.apply(
-            {"params": p}, **inputs, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}
-        ).logits
-        return losses.discriminator_loss(logits, labels, inputs["attention_mask"])
-
+    loss = discriminator_loss_fn(module, inputs, labels, jax.random.PRNGKey(0))
     residuals = jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params)
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(residuals))
 
@@ -274,13 +275,7 @@ def train_memory(config, batch, seq_len, dtype_name, policy, run_steps=2) -> dic
     module = fj.FunnelForPreTraining(config=config, dtype=dt)
     tx = torch_adamw_defaults()
     step = jax.jit(make_train_step(module, tx), donate_argnums=0)
-    ids, tt, labels = synthetic_batch(config, batch, seq_len)
-    inputs = {
-        "input_ids": jnp.asarray(ids),
-        "attention_mask": jnp.ones_like(ids),
-        "token_type_ids": jnp.asarray(tt),
-    }
-    labels = jnp.asarray(labels)
+    inputs, labels = jax_batch(config, batch, seq_len)
 
     def make_state():
         params = fj.init_params(module, jax.random.PRNGKey(0))

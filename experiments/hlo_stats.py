@@ -23,12 +23,7 @@ def hlo_stats(config, batch: int, seq_len: int, dtype_name: str) -> list[dict]:
     from experiments import benchmark as bm
 
     dt = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
-    ids, tt, labels = bm.synthetic_batch(config, batch, seq_len)
-    inputs = {
-        "input_ids": jnp.asarray(ids),
-        "attention_mask": jnp.ones_like(ids),
-        "token_type_ids": jnp.asarray(tt),
-    }
+    inputs, labels = bm.jax_batch(config, batch, seq_len)
     rows = []
     for scan in (False, True):
         cfg = config.replace(scan_layers=scan)

@@ -454,15 +454,14 @@ class TrainCheckpointer:
             raise FileNotFoundError(
                 f"no complete checkpoint for step {step} in {self.directory} (have {steps})"
             )
+        meta = self._manager.item_metadata(step)["state"]
+        meta = getattr(meta, "tree", meta)
         if abstract_state is None:
-            meta = self._manager.item_metadata(step)["state"]
-            meta = getattr(meta, "tree", meta)
             abstract_state = jax.tree.map(
                 lambda m: np.empty(tuple(m.shape), np.dtype(m.dtype)), meta
             )
         target = jax.tree.map(_abstract_leaf, abstract_state)
-        meta = self._manager.item_metadata(step)["state"]
-        stored = _flat_metadata(getattr(meta, "tree", meta))
+        stored = _flat_metadata(meta)
         _check_tree(
             stored,
             target,

@@ -78,7 +78,6 @@ def test_remat_shrinks_what_the_backward_keeps(scan_layers):
     """Residual bytes of the loss's vjp, per remat policy: `full` keeps only each layer's inputs
     (and the masks), `dots` the matmul outputs; both far below no remat. Tracing only."""
     import jax
-    import jax.numpy as jnp
 
     import funnel_jax as fj
     from funnel_jax.config import FunnelConfig
@@ -88,13 +87,8 @@ def test_remat_shrinks_what_the_backward_keeps(scan_layers):
         config = FunnelConfig(**TINY, remat_policy=policy, scan_layers=scan_layers)
         module = fj.FunnelForPreTraining(config=config)
         params = fj.abstract_params(module)
-        ids, tt, labels = benchmark.synthetic_batch(config, 8, 256)
-        inputs = {
-            "input_ids": jnp.asarray(ids),
-            "attention_mask": jnp.ones_like(ids),
-            "token_type_ids": jnp.asarray(tt),
-        }
-        kept[policy] = benchmark.residual_bytes(module, params, inputs, jnp.asarray(labels))
+        inputs, labels = benchmark.jax_batch(config, 8, 256)
+        kept[policy] = benchmark.residual_bytes(module, params, inputs, labels)
     assert jax.tree.leaves(params)
     assert kept["full"] * 5 < kept["none"], kept
     assert kept["full"] < kept["dots"] < kept["none"], kept
