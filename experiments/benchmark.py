@@ -51,6 +51,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--scaling", action="store_true", help="time vs length, Funnel vs standard")
     p.add_argument("--scaling-lengths", default="128,256,512,1024,2048")
+    p.add_argument("--scaling-batch-size", type=int, default=1, help="batch of the --scaling runs")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"), help="'' to skip writing")
     p.add_argument("--plot", default=str(ROOT / "benchmarks" / "scaling.png"))
     p.add_argument("--compile-cache", default="", help="persistent XLA compile cache directory")
@@ -452,8 +453,11 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def run_scaling(config, lengths, dtype_name, plot_path, repeats=3):
-    """Forward time vs length: FunnelBaseModel vs the standard Transformer of equal depth."""
+def run_scaling(config, lengths, dtype_name, plot_path, repeats=3, batch=1, with_torch=False):
+    """Forward time vs length: FunnelBaseModel vs the standard Transformer of equal depth.
+
+    Funnel and standard (and, with_torch, the same pair in the PyTorch reference) take turns in
+    the same rounds, so the time ratio of each pair is measured under the same machine load."""
     import jax
     import jax.numpy as jnp
 
@@ -461,51 +465,130 @@ def run_scaling(config, lengths, dtype_name, plot_path, repeats=3):
     from funnel_jax.flops import model_flops, standard_transformer
 
     dt = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+    impls = ("jax", "torch") if with_torch else ("jax",)
+    configs = {"funnel": config, "standard": standard_transformer(config)}
+    modules = {k: fj.FunnelBaseModel(config=c, dtype=dt) for k, c in configs.items()}
+    params = {k: fj.init_params(m, jax.random.PRNGKey(0), seq_len=16) for k, m in modules.items()}
+    torch_models = {}
+    if with_torch:
+        import torch
+        import transformers
+
+        for k, c in configs.items():
+            tc = transformers.FunnelConfig(**c.to_dict())
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            torch_models[k] = (transformers.FunnelBaseModel(tc).to(dev).eval(), dev)
+
+    def torch_forward(model, dev, ids):
+        import torch
+
+        def run():
+            with torch.inference_mode():
+                if dtype_name == "bfloat16":
+                    with torch.autocast(dev, dtype=torch.bfloat16):
+                        model(ids)
+                else:
+                    model(ids)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+
+        return run
+
     rows = []
-    std_config = standard_transformer(config)
     for length in lengths:
-        row = {"seq_len": length}
-        for label, cfg in (("funnel", config), ("standard", std_config)):
-            module = fj.FunnelBaseModel(config=cfg, dtype=dt)
-            params = fj.init_params(module, jax.random.PRNGKey(0), seq_len=16)
-            ids = jnp.ones((1, length), jnp.int32)
-            f = jax.jit(lambda p, x, m=module: m.apply({"params": p}, x).last_hidden_state)
-            row[f"{label}_s"] = alternate(
-                {"x": lambda f=f, p=params, x=ids: f(p, x).block_until_ready()}, repeats, 1
-            )["x"]
-            row[f"{label}_flops"] = model_flops(cfg, 1, length, "base")
-        row["time_ratio"] = row["standard_s"] / row["funnel_s"]
-        row["flop_ratio"] = row["standard_flops"] / row["funnel_flops"]
-        row["efficiency"] = row["time_ratio"] / row["flop_ratio"]
-        rows.append(row)
-        print(
-            f"  L={length:5d}  funnel {row['funnel_s'] * 1e3:9.1f} ms  standard "
-            f"{row['standard_s'] * 1e3:9.1f} ms  time ratio {row['time_ratio']:.2f}  "
-            f"FLOP ratio {row['flop_ratio']:.2f}  -> {100 * row['efficiency']:.0f}%",
-            flush=True,
+        fns = {}
+        ids = jnp.ones((batch, length), jnp.int32)
+        for k, m in modules.items():
+            f = jax.jit(lambda p, x, m=m: m.apply({"params": p}, x).last_hidden_state)
+            fns[f"jax_{k}"] = lambda f=f, p=params[k], x=ids: f(p, x).block_until_ready()
+        for k, (model, dev) in torch_models.items():
+            tids = torch.ones((batch, length), dtype=torch.long, device=dev)
+            fns[f"torch_{k}"] = torch_forward(model, dev, tids)
+        times = alternate(fns, repeats, 1)
+        row = {"seq_len": length, "batch": batch}
+        row["flop_ratio"] = model_flops(configs["standard"], batch, length, "base") / model_flops(
+            config, batch, length, "base"
         )
+        line = f"  L={length:5d}"
+        for impl in impls:
+            prefix = "" if impl == "jax" else "torch_"
+            row[f"{prefix}funnel_s"] = times[f"{impl}_funnel"]
+            row[f"{prefix}standard_s"] = times[f"{impl}_standard"]
+            row[f"{prefix}time_ratio"] = row[f"{prefix}standard_s"] / row[f"{prefix}funnel_s"]
+            row[f"{prefix}efficiency"] = row[f"{prefix}time_ratio"] / row["flop_ratio"]
+            line += (
+                f"  {impl}: funnel {row[f'{prefix}funnel_s'] * 1e3:8.1f} ms, standard "
+                f"{row[f'{prefix}standard_s'] * 1e3:8.1f} ms -> "
+                f"{100 * row[f'{prefix}efficiency']:.0f}%"
+            )
+        rows.append(row)
+        print(f"{line}  (FLOP ratio {row['flop_ratio']:.2f})", flush=True)
     if plot_path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [r["seq_len"] for r in rows]
-        ax.plot(xs, [r["funnel_s"] * 1e3 for r in rows], "o-", label="Funnel (pooling)")
-        ax.plot(xs, [r["standard_s"] * 1e3 for r in rows], "s-", label="standard (no pooling)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel("forward time, batch 1 (ms)")
-        ax.set_title(f"FunnelBaseModel forward, {device_name()}", fontsize=8)
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(plot_path, dpi=120)
-        print(f"plot: {plot_path}")
+        plot_scaling(rows, plot_path, batch)
     return rows
+
+
+def plot_scaling(rows, plot_path, batch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["seq_len"] for r in rows]
+    ax.plot(xs, [r["funnel_s"] * 1e3 for r in rows], "o-", c="C0", label="Funnel, funnel_jax")
+    ax.plot(xs, [r["standard_s"] * 1e3 for r in rows], "s-", c="C1", label="standard, funnel_jax")
+    if "torch_funnel_s" in rows[0]:
+        ax.plot(
+            xs,
+            [r["torch_funnel_s"] * 1e3 for r in rows],
+            "o--",
+            c="C0",
+            alpha=0.6,
+            label="Funnel, PyTorch reference",
+        )
+        ax.plot(
+            xs,
+            [r["torch_standard_s"] * 1e3 for r in rows],
+            "s--",
+            c="C1",
+            alpha=0.6,
+            label="standard, PyTorch reference",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel(f"forward time, batch {batch} (ms)")
+    ax.set_title(f"FunnelBaseModel forward, {device_name()}", fontsize=8)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plot_path, dpi=120)
+    print(f"plot: {plot_path}")
+
+
+def scaling_table(rows) -> str:
+    """Markdown: per length, both times, the time ratio, the FLOP ratio and their quotient."""
+    with_torch = "torch_funnel_s" in rows[0]
+    head = "| length | funnel ms | standard ms | time ratio | FLOP ratio | time/FLOP ratio |"
+    sep = "|---|---|---|---|---|---|"
+    if with_torch:
+        head += " torch funnel ms | torch standard ms | torch time/FLOP ratio |"
+        sep += "---|---|---|"
+    lines = [head, sep]
+    for r in rows:
+        line = (
+            f"| {r['seq_len']} | {r['funnel_s'] * 1e3:.1f} | {r['standard_s'] * 1e3:.1f} | "
+            f"{r['time_ratio']:.2f} | {r['flop_ratio']:.2f} | {100 * r['efficiency']:.0f}% |"
+        )
+        if with_torch:
+            line += (
+                f" {r['torch_funnel_s'] * 1e3:.1f} | {r['torch_standard_s'] * 1e3:.1f} | "
+                f"{100 * r['torch_efficiency']:.0f}% |"
+            )
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -658,9 +741,12 @@ def main(argv=None):
 
     scaling = None
     if args.scaling:
-        print("scaling (FunnelBaseModel forward, batch 1):", flush=True)
+        sb = args.scaling_batch_size
+        print(f"scaling (FunnelBaseModel forward, batch {sb}):", flush=True)
         lengths = [int(x) for x in args.scaling_lengths.split(",")]
-        scaling = run_scaling(config, lengths, args.dtype, args.plot)
+        scaling = run_scaling(
+            config, lengths, args.dtype, args.plot, batch=sb, with_torch=not args.no_torch
+        )
 
     if args.output:
         cli = argv if argv is not None else sys.argv[1:]
@@ -680,18 +766,10 @@ def main(argv=None):
             if scaling:
                 f.write(
                     "\nFunnel vs standard Transformer (same width and depth, no pooling), "
-                    "FunnelBaseModel forward, batch 1:\n\n"
+                    f"FunnelBaseModel forward, batch {args.scaling_batch_size}, the pairs "
+                    "alternating in the same rounds:\n\n"
                 )
-                f.write(
-                    "| length | funnel ms | standard ms | time ratio | FLOP ratio | "
-                    "time/FLOP ratio |\n|---|---|---|---|---|---|\n"
-                )
-                for r in scaling:
-                    f.write(
-                        f"| {r['seq_len']} | {r['funnel_s'] * 1e3:.1f} | "
-                        f"{r['standard_s'] * 1e3:.1f} | {r['time_ratio']:.2f} | "
-                        f"{r['flop_ratio']:.2f} | {100 * r['efficiency']:.0f}% |\n"
-                    )
+                f.write(scaling_table(scaling) + "\n")
         print(f"appended to {args.output}")
     return {"results": results, "peak": peak, "scaling": scaling, "memory": memory}
 

@@ -48,15 +48,22 @@ def run(tmp_path_factory):
                 "einsum,fused_bias",
                 "--profile",
                 str(root / "prof"),
+                "--scaling",
+                "--scaling-lengths",
+                "32,64",
+                "--scaling-batch-size",
+                "2",
+                "--plot",
+                str(root / "scaling.png"),
                 "--output",
                 str(out),
             ]
         )
-    return result, out.read_text()
+    return result, out.read_text(), root
 
 
 def test_rows_for_every_implementation(run):
-    result, _ = run
+    result, _, _ = run
     rows = {(what, impl) for what, times, _, _ in result["results"] for impl in times}
     train = "train step FunnelForPreTraining"
     assert {(train, "jax"), (train, "jax fused_bias"), (train, "torch")} <= rows
@@ -67,7 +74,7 @@ def test_rows_for_every_implementation(run):
 
 
 def test_memory_row_of_the_compiled_step(run):
-    result, _ = run
+    result, _, _ = run
     (row,) = result["memory"]
     assert row["policy"] == "full" and row["batch"] == 2
     assert 0 < row["residual_bytes"] and 0 < row["temp_bytes"] < row["xla_total_bytes"]
@@ -95,11 +102,25 @@ def test_remat_shrinks_what_the_backward_keeps(scan_layers):
 
 
 def test_markdown_holds_the_command_tables_and_profile(run):
-    _, text = run
+    _, text, _ = run
     assert "- command: `python -m experiments.benchmark --config" in text
     assert "| train step FunnelForPreTraining | jax fused_bias |" in text
     assert "| remat policy | kept for the backward (GiB) |" in text and "| full |" in text
     assert "Per-op breakdown" in text and "| op kind | ops | ms | share |" in text
+
+
+def test_scaling_pairs_funnel_and_standard_for_both_implementations(run):
+    result, text, root = run
+    rows = result["scaling"]
+    assert [r["seq_len"] for r in rows] == [32, 64] and all(r["batch"] == 2 for r in rows)
+    for r in rows:
+        assert r["flop_ratio"] > 1  # pooling removes work
+        for prefix in ("", "torch_"):
+            assert r[f"{prefix}funnel_s"] > 0 and r[f"{prefix}standard_s"] > 0
+            ratio = r[f"{prefix}standard_s"] / r[f"{prefix}funnel_s"]
+            assert r[f"{prefix}efficiency"] == pytest.approx(ratio / r["flop_ratio"])
+    assert (root / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    assert "FunnelBaseModel forward, batch 2" in text and "torch time/FLOP ratio" in text
 
 
 def _event(pid, name, dur, module="jit_train_step"):
