@@ -200,10 +200,31 @@ def relative_shift(scores: Array, context_len: int, shift: int) -> Array:
     return scores[..., :context_len]
 
 
-class Einsum(nn.Module):
-    """A projection `einsum(eq, x, kernel) (+ bias)` with named, logically partitioned params."""
+def heads_first(x: Array) -> Array:
+    """[B, S, N, H] -> [N, B, S, H]."""
+    return x.transpose(2, 0, 1, 3)
 
-    eq: str
+
+def matmul_last(x: Array, kernel: Array, contract: int) -> Array:
+    """Contract the last `contract` dims of x with the first `contract` dims of kernel, as one
+    plain [rows, K] x [K, M] matrix product (reshapes are free, no transposes).
+
+    Written as an einsum asking for another output order (heads first) or contracting (N, H),
+    XLA's CPU backend transposes the weight (and often the input) on every call; at batch 1,
+    length 128 those copies took as long as the matmuls themselves.
+    """
+    k_shape, out_shape = kernel.shape[:contract], kernel.shape[contract:]
+    lead = x.shape[: x.ndim - contract]
+    k = math.prod(k_shape)
+    y = x.reshape(-1, k) @ kernel.reshape(k, -1)
+    return y.reshape(*lead, *out_shape)
+
+
+class Projection(nn.Module):
+    """x [..., *kernel_shape[:contract]] -> [..., *kernel_shape[contract:]] (+ bias returned
+    separately), with named, logically partitioned params."""
+
+    contract: int
     kernel_shape: tuple[int, ...]
     kernel_axes: tuple[str, ...]
     std: float
@@ -216,7 +237,7 @@ class Einsum(nn.Module):
     def __call__(self, x: Array) -> Array:
         init = nn.with_logical_partitioning(jax.nn.initializers.normal(self.std), self.kernel_axes)
         kernel = self.param("kernel", init, self.kernel_shape, self.param_dtype)
-        y = jnp.einsum(self.eq, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul_last(x.astype(self.dtype), kernel.astype(self.dtype), self.contract)
         if self.bias_shape is None:
             return y
         bias = self.param("bias", zeros_init(self.bias_axes), self.bias_shape, self.param_dtype)
@@ -251,32 +272,32 @@ class FunnelRelMultiheadAttention(nn.Module):
         scale = 1.0 / (h**0.5)
         dt, pdt = self.dtype, self.param_dtype
         std = linear_std(cfg, d, n * h)
-        proj = dict(kernel_shape=(d, n, h), kernel_axes=("embed", "heads", "kv"), std=std)
+        proj = dict(
+            contract=1, kernel_shape=(d, n, h), kernel_axes=("embed", "heads", "kv"), std=std
+        )
         kw = dict(dtype=dt, param_dtype=pdt)
 
         def param(name, shape, axes):
             p = self.param(name, uniform_init(cfg.initializer_range, axes), shape, pdt)
             return p.astype(dt)
 
-        q = Einsum("BSD,DNH->NBSH", **proj, name="q_head", **kw)(query) * scale
-        k, k_bias = Einsum(
-            "BTD,DNH->NBTH",
+        q_bsnh = Projection(**proj, name="q_head", **kw)(query) * scale
+        k, k_bias = Projection(
             **proj,
             bias_shape=(n, h),
             bias_axes=("heads", "kv"),
             name="k_head",
             **kw,
         )(key_value)
-        v, v_bias = Einsum(
-            "BTD,DNH->NBTH",
+        v, v_bias = Projection(
             **proj,
             bias_shape=(n, h),
             bias_axes=("heads", "kv"),
             name="v_head",
             **kw,
         )(key_value)
-        k = k + k_bias[:, None, None, :]
-        v = v + v_bias[:, None, None, :]
+        k_bsnh, v_bsnh = k + k_bias, v + v_bias
+        q, k, v = heads_first(q_bsnh), heads_first(k_bsnh), heads_first(v_bsnh)
         r_w_bias = param("r_w_bias", (n, h), ("heads", "kv"))
         r_r_bias = param("r_r_bias", (n, h), ("heads", "kv"))
         r_kernel = param("r_kernel", (d, n, h), ("embed", "heads", "kv"))
@@ -303,23 +324,22 @@ class FunnelRelMultiheadAttention(nn.Module):
         if fused and (deterministic or cfg.attention_dropout == 0.0):
             # softmax((q + r_w_bias) k^T + bias) v in one fused call (cuDNN on GPU).
             attn = jax.nn.dot_product_attention(
-                shifted(r_w_bias).transpose(1, 2, 0, 3),
-                k.transpose(1, 2, 0, 3),
-                v.transpose(1, 2, 0, 3),
+                q_bsnh + r_w_bias * scale,
+                k_bsnh,
+                v_bsnh,
                 bias=(bias.astype(jnp.float32) + mask_bias).astype(dt).transpose(1, 0, 2, 3),
                 scale=1.0,
             )  # BSNH
-            attn_eq, prob = "BSNH,NHD->BSD", None
+            prob = None
         else:
             content = jnp.einsum("NBSH,NBTH->NBST", shifted(r_w_bias), k)
             score = (content + bias).astype(jnp.float32) + mask_bias
             prob = checkpoint_name(jax.nn.softmax(score, axis=-1).astype(dt), "attention_probs")
             prob = nn.Dropout(cfg.attention_dropout)(prob, deterministic=deterministic)
-            attn = jnp.einsum("NBST,NBTH->NBSH", prob, v)
-            attn_eq = "NBSH,NHD->BSD"
+            attn = jnp.einsum("NBST,NBTH->NBSH", prob, v).transpose(1, 2, 0, 3)  # BSNH
 
-        out, out_bias = Einsum(
-            attn_eq,
+        out, out_bias = Projection(
+            contract=2,
             kernel_shape=(n, h, d),
             kernel_axes=("heads", "kv", "embed"),
             std=linear_std(cfg, n * h, d),
@@ -344,7 +364,7 @@ class FunnelRelMultiheadAttention(nn.Module):
             )
         (r,) = position
         shift = 2 if q_r.shape[2] != context_len else 1
-        r_head = jnp.einsum("RD,DNH->NRH", r.astype(dt), r_kernel)  # once per head, no batch
+        r_head = matmul_last(r.astype(dt), r_kernel, 1).transpose(1, 0, 2)  # NRH, no batch
         scores = jnp.einsum("NBSH,NRH->NBSR", q_r, r_head)  # batch folded into the rows
         return relative_shift(scores, context_len, shift)
 
