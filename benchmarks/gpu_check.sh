@@ -5,7 +5,8 @@
 #
 # Stages (each has its own time limit, and writes its log and table under $OUT):
 #   env      GPU, driver and package versions
-#   probe    compile time of the train step: small and large, unrolled and --scan-layers
+#   probe    compile time of the train step: small and large, unrolled and --scan-layers,
+#            threefry and rbg dropout keys
 #   parity   float32 parity subset vs transformers (JAX on the GPU, matmuls at 'highest')
 #   train    large, bf16, length 512, batch 16: JAX (einsum and fused_bias attention) vs PyTorch
 #            eager with autocast and fused AdamW, alternating; MFU; per-op profile
@@ -31,10 +32,16 @@ print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', 
       'torch', torch.__version__, 'transformers', transformers.__version__, 'tokenizers', t.__version__)"
       ;;
     probe)
-      for cfg in "small" "large" "large --scan-layers"; do
-        timeout 150 $PY -m experiments.benchmark --dtype bfloat16 --seq-len 512 $CACHE \
-          --batch-size 16 --only train --no-torch --repeats 1 --iters 2 --output "" --config $cfg \
-          2>&1 | grep -E "^config|compiled|train step:" | tee -a "$OUT/probe.log"
+      # threefry dropout bits are hashed in XLA ops (on CPU they double the compile time);
+      # rbg keys draw them with one RngBitGenerator op each. Session 2: `large` with threefry
+      # did not compile in 240 s, so it is tried last.
+      for run in "small:threefry2x32" "large:rbg" "large --scan-layers:rbg" "large:threefry2x32"; do
+        cfg=${run%%:*}; prng=${run##*:}
+        echo "probe: $cfg, dropout keys $prng" | tee -a "$OUT/probe.log"
+        JAX_DEFAULT_PRNG_IMPL=$prng timeout 120 $PY -m experiments.benchmark --dtype bfloat16 \
+          --seq-len 512 $CACHE --batch-size 16 --only train --no-torch --repeats 1 --iters 2 \
+          --output "" --config $cfg 2>&1 | grep -E "^config|compiled|train step:" \
+          | tee -a "$OUT/probe.log"
       done ;;
     parity)
       JAX_DEFAULT_MATMUL_PRECISION=highest timeout 120 $PY -m pytest -q -s -p no:cacheprovider \
