@@ -189,7 +189,7 @@ def test_sigkill_and_sigterm_at_random_moments_resume_bit_identically(inputs, tm
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
     before = _complete_steps(split)
-    assert before == [5]
+    assert before and before[0] == 5, before  # fast steps may have saved step 10 before the kill
 
     # 2. SIGKILL in the middle of a checkpoint write (the hook holds it open).
     marker = tmp_path / "in_save"
