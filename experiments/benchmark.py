@@ -537,25 +537,19 @@ def plot_scaling(rows, plot_path, batch):
     Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["seq_len"] for r in rows]
-    ax.plot(xs, [r["funnel_s"] * 1e3 for r in rows], "o-", c="C0", label="Funnel, funnel_jax")
-    ax.plot(xs, [r["standard_s"] * 1e3 for r in rows], "s-", c="C1", label="standard, funnel_jax")
+    impls = [("", "-", 1.0, "funnel_jax")]
     if "torch_funnel_s" in rows[0]:
-        ax.plot(
-            xs,
-            [r["torch_funnel_s"] * 1e3 for r in rows],
-            "o--",
-            c="C0",
-            alpha=0.6,
-            label="Funnel, PyTorch reference",
-        )
-        ax.plot(
-            xs,
-            [r["torch_standard_s"] * 1e3 for r in rows],
-            "s--",
-            c="C1",
-            alpha=0.6,
-            label="standard, PyTorch reference",
-        )
+        impls.append(("torch_", "--", 0.6, "PyTorch reference"))
+    for prefix, line, alpha, impl in impls:
+        for model, marker, color in (("funnel", "o", "C0"), ("standard", "s", "C1")):
+            ax.plot(
+                xs,
+                [r[f"{prefix}{model}_s"] * 1e3 for r in rows],
+                marker + line,
+                c=color,
+                alpha=alpha,
+                label=f"{'Funnel' if model == 'funnel' else 'standard'}, {impl}",
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length")
