@@ -247,9 +247,10 @@ class Projection(nn.Module):
 class FunnelRelMultiheadAttention(nn.Module):
     """Relative multi-head attention with the token-type term, computed head-major.
 
-    Heads lead, even before the batch ([N, B, S, H]): the positional score is then one matmul per
-    head with the batch folded into its rows ('NBSH,NRH->NBSR'), XLA needs no transpose around
-    it, and the relative shift is a reshape of contiguous [S, R] blocks.
+    The projections are plain matrix products giving [B, S, N, H]; the activations are then
+    moved heads first, even before the batch ([N, B, S, H]): the positional score is one matmul
+    per head with the batch folded into its rows ('NBSH,NRH->NBSR') and the relative shift is a
+    reshape of contiguous [S, R] blocks. The fused path takes [B, S, N, H] as it comes.
     """
 
     config: FunnelConfig
