@@ -78,7 +78,6 @@ def timed(fn, iters: int) -> float:
 
 def matmul_peak(dtype_name: str, repeats: int = 5) -> dict:
     """FLOP/s of a large square matmul, in JAX and torch; the larger is the device peak."""
-
     n = matmul_size()
     run, flops = matmul_fn(dtype_name)
     run()
@@ -311,6 +310,23 @@ def train_memory(config, batch, seq_len, dtype_name, policy, run_steps=2) -> dic
     return out
 
 
+def torch_inference(model, inputs: dict, dev: str, autocast: bool):
+    """A callable running `model(**inputs)` under inference mode (bf16 autocast when asked),
+    synchronised on CUDA so that timing it measures the work."""
+    import contextlib
+
+    import torch
+
+    def run():
+        ctx = torch.autocast(dev, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            model(**inputs)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
 class TorchBench:
     def __init__(
         self, config, batch, seq_len, dtype_name, compile_=False, fused=False, parts=("train",)
@@ -353,14 +369,7 @@ class TorchBench:
         return contextlib.nullcontext()
 
     def forward(self, name):
-        model = self.fwd[name]
-
-        def run():
-            with self.torch.inference_mode(), self._ctx():
-                model(**self.inputs)
-            self._sync()
-
-        return run
+        return torch_inference(self.fwd[name], self.inputs, self.dev, self.autocast)
 
     def train(self):
         def run():
@@ -479,21 +488,6 @@ def run_scaling(config, lengths, dtype_name, plot_path, repeats=3, batch=1, with
             dev = "cuda" if torch.cuda.is_available() else "cpu"
             torch_models[k] = (transformers.FunnelBaseModel(tc).to(dev).eval(), dev)
 
-    def torch_forward(model, dev, ids):
-        import torch
-
-        def run():
-            with torch.inference_mode():
-                if dtype_name == "bfloat16":
-                    with torch.autocast(dev, dtype=torch.bfloat16):
-                        model(ids)
-                else:
-                    model(ids)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-
-        return run
-
     rows = []
     for length in lengths:
         fns = {}
@@ -503,7 +497,9 @@ def run_scaling(config, lengths, dtype_name, plot_path, repeats=3, batch=1, with
             fns[f"jax_{k}"] = lambda f=f, p=params[k], x=ids: f(p, x).block_until_ready()
         for k, (model, dev) in torch_models.items():
             tids = torch.ones((batch, length), dtype=torch.long, device=dev)
-            fns[f"torch_{k}"] = torch_forward(model, dev, tids)
+            fns[f"torch_{k}"] = torch_inference(
+                model, {"input_ids": tids}, dev, dtype_name == "bfloat16"
+            )
         times = alternate(fns, repeats, 1)
         row = {"seq_len": length, "batch": batch}
         row["flop_ratio"] = model_flops(configs["standard"], batch, length, "base") / model_flops(
