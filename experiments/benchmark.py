@@ -31,6 +31,13 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=7, help="alternating rounds; medians reported")
     p.add_argument("--iters", type=int, default=3, help="steps timed per round")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.5,
+        help="seconds of idle before each timing, so no implementation's spinning threads hit "
+        "the next one's",
+    )
     p.add_argument("--only", default="forward,train", help="comma list: forward,train,memory")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
@@ -418,14 +425,21 @@ def fmt_memory(row: dict) -> str:
     )
 
 
-def alternate(fns: dict, repeats: int, iters: int) -> dict:
-    """Warm each up, then time them in turn, `repeats` rounds; median seconds per call."""
+def alternate(fns: dict, repeats: int, iters: int, settle: float = 0.0) -> dict:
+    """Warm each up, then time them in turn, `repeats` rounds; median seconds per call.
+
+    `settle` seconds of sleep before each timing let the previous implementation's worker
+    threads go idle: torch's OpenMP threads spin-wait after a step, and a JAX train step timed
+    right after torch's was 15% slower than alone (2709 vs 2356 ms, `small`, 2-core CPU); after
+    a 0.2 s pause it was not (2409 ms)."""
     for fn in fns.values():
         fn()
         fn()
     samples = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            if settle:
+                time.sleep(settle)
             samples[k].append(timed(fn, iters))
     return {k: statistics.median(v) for k, v in samples.items()}
 
@@ -462,7 +476,9 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def run_scaling(config, lengths, dtype_name, plot_path, repeats=3, batch=1, with_torch=False):
+def run_scaling(
+    config, lengths, dtype_name, plot_path, repeats=3, batch=1, with_torch=False, settle=0.0
+):
     """Forward time vs length: FunnelBaseModel vs the standard Transformer of equal depth.
 
     Funnel and standard (and, with_torch, the same pair in the PyTorch reference) take turns in
@@ -500,7 +516,7 @@ def run_scaling(config, lengths, dtype_name, plot_path, repeats=3, batch=1, with
             fns[f"torch_{k}"] = torch_inference(
                 model, {"input_ids": tids}, dev, dtype_name == "bfloat16"
             )
-        times = alternate(fns, repeats, 1)
+        times = alternate(fns, repeats, 1, settle)
         row = {"seq_len": length, "batch": batch}
         row["flop_ratio"] = model_flops(configs["standard"], batch, length, "base") / model_flops(
             config, batch, length, "base"
@@ -642,7 +658,7 @@ def main(argv=None):
             if tbc:
                 fns["torch.compile"] = tbc.forward(name)
             fns["_matmul"] = mm
-            times = alternate(fns, args.repeats, args.iters)
+            times = alternate(fns, args.repeats, args.iters, args.settle)
             group_peak = mm_flops / times.pop("_matmul")
             flops = model_flops(config, b, length, kind)
             results.append((f"forward {name}", times, flops, group_peak))
@@ -655,7 +671,7 @@ def main(argv=None):
         if tbc:
             fns["torch.compile"] = tbc.train()
         fns["_matmul"] = mm
-        times = alternate(fns, args.repeats, args.iters)
+        times = alternate(fns, args.repeats, args.iters, args.settle)
         group_peak = mm_flops / times.pop("_matmul")
         flops = train_step_flops(config, b, length, "pretraining")
         results.append(("train step FunnelForPreTraining", times, flops, group_peak))
@@ -735,7 +751,13 @@ def main(argv=None):
         print(f"scaling (FunnelBaseModel forward, batch {sb}):", flush=True)
         lengths = [int(x) for x in args.scaling_lengths.split(",")]
         scaling = run_scaling(
-            config, lengths, args.dtype, args.plot, batch=sb, with_torch=not args.no_torch
+            config,
+            lengths,
+            args.dtype,
+            args.plot,
+            batch=sb,
+            with_torch=not args.no_torch,
+            settle=args.settle,
         )
 
     if args.output:

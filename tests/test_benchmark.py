@@ -40,6 +40,8 @@ def run(tmp_path_factory):
                 "1",
                 "--iters",
                 "1",
+                "--settle",
+                "0.01",
                 "--only",
                 "train,memory",
                 "--memory-policies",
@@ -149,3 +151,16 @@ def test_profile_summary_sums_device_ops_by_kind(tmp_path):
     table = profile_summary.summarize(tmp_path, "jit_train_step")
     assert "| dot | 1 | 0.1 | 60.0% |" in table
     assert "| fusion | 2 | 0.0 | 40.0% |" in table
+
+
+def test_alternate_lets_threads_settle_before_every_timing(monkeypatch):
+    events = []
+    monkeypatch.setattr(benchmark.time, "sleep", lambda s: events.append(("sleep", s)))
+    fns = {"a": lambda: events.append(("a",)), "b": lambda: events.append(("b",))}
+    times = benchmark.alternate(fns, repeats=2, iters=1, settle=0.25)
+    assert set(times) == {"a", "b"}
+    timed_calls = events[4:]  # after two warm-up calls of each
+    assert timed_calls == [("sleep", 0.25), ("a",), ("sleep", 0.25), ("b",)] * 2
+    events.clear()
+    benchmark.alternate(fns, repeats=1, iters=1)  # settle 0: no sleeping
+    assert ("sleep", 0.25) not in events and len(events) == 6
