@@ -63,6 +63,12 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=str(ROOT / "benchmarks" / "scaling.png"))
     p.add_argument("--compile-cache", default="", help="persistent XLA compile cache directory")
     p.add_argument("--profile", default="", help="write a JAX profiler trace of the train step")
+    p.add_argument(
+        "--gemm-floor",
+        action="store_true",
+        help="time each matrix product of the JAX train step alone, XLA and torch "
+        "(experiments/gemm_floor.py): what the step would cost doing nothing else",
+    )
     return p.parse_args(argv)
 
 
@@ -691,6 +697,15 @@ def main(argv=None):
 
         profile_table = summarize(args.profile, "jit_train_step")
         print(profile_table, flush=True)
+    floor_table = ""
+    if args.gemm_floor and "jax" in jbs and "train" in only:
+        from experiments.gemm_floor import floor_table as make_floor_table
+        from experiments.gemm_floor import gemm_floor
+
+        floor = gemm_floor(jbs["jax"].step.as_text(), with_torch=tb is not None)
+        step_times = {k: v for k, v in results[-1][1].items() if k in ("jax", "torch")}
+        floor_table = make_floor_table(floor, step_times)
+        print(floor_table, flush=True)
     torch_memory = tb.train_peak_bytes() if tb is not None and "train" in only else None
     torch_memory_batch = b
     del jbs
@@ -742,6 +757,8 @@ def main(argv=None):
         ]
     if profile_table:
         lines += ["", "Per-op breakdown of 3 JAX train steps (`--profile`):", "", profile_table]
+    if floor_table:
+        lines += ["", floor_table]
     table = "\n".join(lines)
     print(table)
 

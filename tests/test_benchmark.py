@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments import benchmark, profile_summary
+from experiments import benchmark, gemm_floor, profile_summary
 
 TINY = dict(
     vocab_size=96,
@@ -50,6 +50,7 @@ def run(tmp_path_factory):
                 "einsum,fused_bias",
                 "--profile",
                 str(root / "prof"),
+                "--gemm-floor",
                 "--scaling",
                 "--scaling-lengths",
                 "32,64",
@@ -164,3 +165,39 @@ def test_alternate_lets_threads_settle_before_every_timing(monkeypatch):
     events.clear()
     benchmark.alternate(fns, repeats=1, iters=1)  # settle 0: no sleeping
     assert ("sleep", 0.25) not in events and len(events) == 6
+
+
+def test_gemm_floor_finds_every_product_of_a_compiled_program():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    def f(a, b, c, d):
+        return a @ b, jnp.einsum("bij,bkj->bik", c, d)  # the second contracts rhs dim 2
+
+    args = [
+        np.random.RandomState(i).randn(*shape).astype(np.float32)
+        for i, shape in enumerate([(64, 32), (32, 16), (4, 8, 16), (4, 8, 16)])
+    ]
+    hlo = jax.jit(f).lower(*args).compile().as_text()
+    gemms = gemm_floor.parse_gemms(hlo)
+    assert sum(gemms.values()) == 2
+    assert sorted(g.flops for g in gemms) == sorted([2 * 64 * 32 * 16, 2 * 4 * 8 * 8 * 16])
+    for g in gemms:  # the torch contraction computes what XLA's dot does
+        a = np.random.RandomState(0).randn(*g.lhs).astype(np.float32)
+        b = np.random.RandomState(1).randn(*g.rhs).astype(np.float32)
+        dims = ((g.lhs_contract, g.rhs_contract), (g.lhs_batch, g.rhs_batch))
+        expected = np.asarray(jax.lax.dot_general(a, b, dims))
+        got = torch.einsum(gemm_floor._einsum(g), torch.tensor(a), torch.tensor(b)).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    floor = gemm_floor.gemm_floor(hlo, with_torch=True, repeats=1)
+    assert floor["flops"] == 2 * 64 * 32 * 16 + 2 * 4 * 8 * 8 * 16
+    assert floor["xla_s"] > 0 and floor["torch_s"] > 0
+
+
+def test_markdown_holds_the_gemm_floor(run):
+    _, markdown, _ = run
+    assert "Matrix products of the JAX train step, each timed alone" in markdown
+    assert "| products alone, XLA |" in markdown
+    assert "| the same products alone, torch.einsum |" in markdown
