@@ -697,15 +697,18 @@ def main(argv=None):
 
         profile_table = summarize(args.profile, "jit_train_step")
         print(profile_table, flush=True)
-    floor_table = ""
-    if args.gemm_floor and "jax" in jbs and "train" in only:
-        from experiments.gemm_floor import floor_table as make_floor_table
-        from experiments.gemm_floor import gemm_floor
+    floor_tables = []
+    if args.gemm_floor and "jax" in jbs:
+        from experiments.gemm_floor import floor_table, gemm_floor
 
-        floor = gemm_floor(jbs["jax"].step.as_text(), with_torch=tb is not None)
-        step_times = {k: v for k, v in results[-1][1].items() if k in ("jax", "torch")}
-        floor_table = make_floor_table(floor, step_times)
-        print(floor_table, flush=True)
+        for what, times, _, _ in results:  # the FunnelModel forward and the train step
+            if what == "forward FunnelBaseModel":
+                continue
+            exe = jbs["jax"].step if what.startswith("train") else jbs["jax"].fwd["FunnelModel"][0]
+            floor = gemm_floor(exe.as_text(), with_torch=tb is not None)
+            step_times = {k: v for k, v in times.items() if k in ("jax", "torch")}
+            floor_tables.append(floor_table(floor, step_times, what.split(" Funnel")[0]))
+            print(floor_tables[-1], flush=True)
     torch_memory = tb.train_peak_bytes() if tb is not None and "train" in only else None
     torch_memory_batch = b
     del jbs
@@ -757,8 +760,8 @@ def main(argv=None):
         ]
     if profile_table:
         lines += ["", "Per-op breakdown of 3 JAX train steps (`--profile`):", "", profile_table]
-    if floor_table:
-        lines += ["", floor_table]
+    for t in floor_tables:
+        lines += ["", t]
     table = "\n".join(lines)
     print(table)
 

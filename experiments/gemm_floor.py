@@ -178,12 +178,12 @@ def gemm_floor(hlo_text: str, with_torch: bool, repeats: int = 5) -> dict:
     }
 
 
-def floor_table(floor: dict, step_times: dict, top: int = 12) -> str:
+def floor_table(floor: dict, step_times: dict, what: str = "train step", top: int = 12) -> str:
     """Markdown: the totals against the measured steps, then the costliest products."""
     ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
     gflops = floor["flops"] / 1e9
     lines = [
-        f"Matrix products of the JAX train step, each timed alone: {len(floor['rows'])} distinct, "
+        f"Matrix products of the JAX {what}, each timed alone: {len(floor['rows'])} distinct, "
         f"{sum(r['count'] for r in floor['rows'])} in all, {gflops:.1f} GFLOP.",
         "",
         "| | ms / step | GFLOP/s over the products |",
@@ -197,7 +197,7 @@ def floor_table(floor: dict, step_times: dict, top: int = 12) -> str:
         )
     for name, seconds in step_times.items():
         lines.append(
-            f"| whole step, {name} (measured above) | {ms(seconds)} | {gflops / seconds:.0f} |"
+            f"| whole {what}, {name} (measured above) | {ms(seconds)} | {gflops / seconds:.0f} |"
         )
     lines += [
         "",
