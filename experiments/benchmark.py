@@ -701,13 +701,24 @@ def main(argv=None):
     if args.gemm_floor and "jax" in jbs:
         from experiments.gemm_floor import floor_table, gemm_floor
 
-        for what, times, _, _ in results:  # the FunnelModel forward and the train step
-            if what == "forward FunnelBaseModel":
-                continue
-            exe = jbs["jax"].step if what.startswith("train") else jbs["jax"].fwd["FunnelModel"][0]
-            floor = gemm_floor(exe.as_text(), with_torch=tb is not None)
-            step_times = {k: v for k, v in times.items() if k in ("jax", "torch")}
-            floor_tables.append(floor_table(floor, step_times, what.split(" Funnel")[0]))
+        # the FunnelModel forward and the ELECTRA train step, where they were timed above
+        for what in [
+            w for w, part in (("forward", "forward"), ("train step", "train")) if part in only
+        ]:
+            if what == "forward":
+                exe = jbs["jax"].fwd["FunnelModel"][0]
+                programs = {"jax": jbs["jax"].forward("FunnelModel")}
+                if tb:
+                    programs["torch"] = tb.forward("FunnelModel")
+            else:
+                exe = jbs["jax"].step
+                programs = {"jax": jbs["jax"].train()}
+                if tb:
+                    programs["torch"] = tb.train()
+            floor = gemm_floor(
+                exe.as_text(), with_torch=tb is not None, repeats=args.repeats, programs=programs
+            )
+            floor_tables.append(floor_table(floor, what))
             print(floor_tables[-1], flush=True)
     torch_memory = tb.train_peak_bytes() if tb is not None and "train" in only else None
     torch_memory_batch = b

@@ -108,14 +108,10 @@ def parse_gemms(hlo_text: str) -> collections.Counter:
     return gemms
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
     fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    return time.perf_counter() - t0
 
 
 def _einsum(g: Gemm) -> str:
@@ -130,7 +126,8 @@ def _einsum(g: Gemm) -> str:
     return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
 
 
-def time_gemm_jax(g: Gemm, repeats: int = 5) -> float:
+def jax_gemm(g: Gemm):
+    """A no-argument callable running g once in JAX (compiled, inputs ready)."""
     import jax
     import jax.numpy as jnp
 
@@ -139,10 +136,11 @@ def time_gemm_jax(g: Gemm, repeats: int = 5) -> float:
     b = jax.random.normal(jax.random.PRNGKey(1), g.rhs, dt)
     dims = ((g.lhs_contract, g.rhs_contract), (g.lhs_batch, g.rhs_batch))
     f = jax.jit(lambda x, y: jax.lax.dot_general(x, y, dims))
-    return _median_seconds(lambda: f(a, b).block_until_ready(), repeats)
+    return lambda: f(a, b).block_until_ready()
 
 
-def time_gemm_torch(g: Gemm, repeats: int = 5) -> float:
+def torch_gemm(g: Gemm):
+    """The same contraction as a torch.einsum (MKL on CPU), a no-argument callable."""
     import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,22 +150,42 @@ def time_gemm_torch(g: Gemm, repeats: int = 5) -> float:
     eq = _einsum(g)
 
     def run():
-        torch.einsum(eq, a, b)
+        with torch.inference_mode():
+            torch.einsum(eq, a, b)
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    with torch.inference_mode():
-        return _median_seconds(run, repeats)
+    return run
 
 
-def gemm_floor(hlo_text: str, with_torch: bool, repeats: int = 5) -> dict:
-    """Each distinct product of the program timed alone; rows sorted by total XLA time."""
+def gemm_floor(
+    hlo_text: str, with_torch: bool, repeats: int = 5, programs: dict | None = None
+) -> dict:
+    """Each distinct product of the program timed alone, and `programs` ({name: callable}, the
+    whole steps) timed in the same rounds, so that the two compare under the same machine
+    state. Medians over `repeats` rounds; rows sorted by total XLA time."""
+    programs = dict(programs or {})
     rows = []
     for g, count in parse_gemms(hlo_text).items():
-        row = {"gemm": g, "count": count, "xla_s": time_gemm_jax(g, repeats)}
+        row = {"gemm": g, "count": count, "run": {"xla": jax_gemm(g)}, "samples": {"xla": []}}
         if with_torch:
-            row["torch_s"] = time_gemm_torch(g, repeats)
+            row["run"]["torch"] = torch_gemm(g)
+            row["samples"]["torch"] = []
         rows.append(row)
+    for row in rows:
+        for run in row["run"].values():
+            run()  # compile / warm up
+    program_samples = {name: [] for name in programs}
+    for _ in range(repeats):
+        for name, fn in programs.items():
+            program_samples[name].append(_seconds(fn))
+        for row in rows:
+            for lib, run in row["run"].items():
+                row["samples"][lib].append(_seconds(run))
+    for row in rows:
+        for lib, samples in row.pop("samples").items():
+            row[f"{lib}_s"] = statistics.median(samples)
+        del row["run"]
     rows.sort(key=lambda r: -r["count"] * r["xla_s"])
     total = lambda key: sum(r["count"] * r[key] for r in rows)  # noqa: E731
     return {
@@ -175,16 +193,19 @@ def gemm_floor(hlo_text: str, with_torch: bool, repeats: int = 5) -> dict:
         "flops": sum(r["count"] * r["gemm"].flops for r in rows),
         "xla_s": total("xla_s"),
         "torch_s": total("torch_s") if with_torch else None,
+        "programs": {k: statistics.median(v) for k, v in program_samples.items()},
     }
 
 
-def floor_table(floor: dict, step_times: dict, what: str = "train step", top: int = 12) -> str:
-    """Markdown: the totals against the measured steps, then the costliest products."""
+def floor_table(floor: dict, what: str = "train step", top: int = 12) -> str:
+    """Markdown: the totals against the whole programs timed in the same rounds, then the
+    costliest products."""
     ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
     gflops = floor["flops"] / 1e9
     lines = [
         f"Matrix products of the JAX {what}, each timed alone: {len(floor['rows'])} distinct, "
-        f"{sum(r['count'] for r in floor['rows'])} in all, {gflops:.1f} GFLOP.",
+        f"{sum(r['count'] for r in floor['rows'])} in all, {gflops:.1f} GFLOP; medians of "
+        "rounds in which the whole programs were timed too.",
         "",
         "| | ms / step | GFLOP/s over the products |",
         "|---|---|---|",
@@ -195,10 +216,8 @@ def floor_table(floor: dict, step_times: dict, what: str = "train step", top: in
             f"| the same products alone, torch.einsum | {ms(floor['torch_s'])} | "
             f"{gflops / floor['torch_s']:.0f} |"
         )
-    for name, seconds in step_times.items():
-        lines.append(
-            f"| whole {what}, {name} (measured above) | {ms(seconds)} | {gflops / seconds:.0f} |"
-        )
+    for name, seconds in floor["programs"].items():
+        lines.append(f"| whole {what}, {name} | {ms(seconds)} | {gflops / seconds:.0f} |")
     lines += [
         "",
         "| product (`*` contracted, `b` batch) | count | XLA ms each | torch ms each |",

@@ -191,9 +191,15 @@ def test_gemm_floor_finds_every_product_of_a_compiled_program():
         expected = np.asarray(jax.lax.dot_general(a, b, dims))
         got = torch.einsum(gemm_floor._einsum(g), torch.tensor(a), torch.tensor(b)).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    floor = gemm_floor.gemm_floor(hlo, with_torch=True, repeats=1)
+    calls = []
+    floor = gemm_floor.gemm_floor(
+        hlo, with_torch=True, repeats=2, programs={"f": lambda: calls.append(1)}
+    )
     assert floor["flops"] == 2 * 64 * 32 * 16 + 2 * 4 * 8 * 8 * 16
     assert floor["xla_s"] > 0 and floor["torch_s"] > 0
+    assert len(calls) == 2 and set(floor["programs"]) == {"f"}  # timed once per round
+    table = gemm_floor.floor_table(floor, "f")
+    assert "| whole f, f |" in table and "| products alone, XLA |" in table
 
 
 def test_markdown_holds_the_gemm_floor(run):
