@@ -716,7 +716,11 @@ def main(argv=None):
                 if tb:
                     programs["torch"] = tb.train()
             floor = gemm_floor(
-                exe.as_text(), with_torch=tb is not None, repeats=args.repeats, programs=programs
+                exe.as_text(),
+                with_torch=tb is not None,
+                repeats=args.repeats,
+                programs=programs,
+                settle=args.settle,
             )
             floor_tables.append(floor_table(floor, what))
             print(floor_tables[-1], flush=True)

@@ -159,11 +159,16 @@ def torch_gemm(g: Gemm):
 
 
 def gemm_floor(
-    hlo_text: str, with_torch: bool, repeats: int = 5, programs: dict | None = None
+    hlo_text: str,
+    with_torch: bool,
+    repeats: int = 5,
+    programs: dict | None = None,
+    settle: float = 0.0,
 ) -> dict:
     """Each distinct product of the program timed alone, and `programs` ({name: callable}, the
     whole steps) timed in the same rounds, so that the two compare under the same machine
-    state. Medians over `repeats` rounds; rows sorted by total XLA time."""
+    state; `settle` seconds idle before each program and each library's products. Medians over
+    `repeats` rounds; rows sorted by total XLA time."""
     programs = dict(programs or {})
     rows = []
     for g, count in parse_gemms(hlo_text).items():
@@ -176,12 +181,15 @@ def gemm_floor(
         for run in row["run"].values():
             run()  # compile / warm up
     program_samples = {name: [] for name in programs}
+    libs = ["xla", "torch"] if with_torch else ["xla"]
     for _ in range(repeats):
         for name, fn in programs.items():
+            time.sleep(settle)
             program_samples[name].append(_seconds(fn))
-        for row in rows:
-            for lib, run in row["run"].items():
-                row["samples"][lib].append(_seconds(run))
+        for lib in libs:  # one library's products back to back: torch's spinning OpenMP
+            time.sleep(settle)  # threads would slow the XLA product timed right after
+            for row in rows:
+                row["samples"][lib].append(_seconds(row["run"][lib]))
     for row in rows:
         for lib, samples in row.pop("samples").items():
             row[f"{lib}_s"] = statistics.median(samples)
