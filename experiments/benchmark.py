@@ -67,7 +67,7 @@ def parse_args(argv=None):
         "--gemm-floor",
         action="store_true",
         help="time each matrix product of the JAX train step alone, XLA and torch "
-        "(experiments/gemm_floor.py): what the step would cost doing nothing else",
+        "(experiments/gemm_floor.py), against the whole programs in the same rounds",
     )
     return p.parse_args(argv)
 

@@ -1,14 +1,15 @@
-"""The matrix products of a compiled program, each timed alone: a floor under its step time.
+"""The matrix products of a compiled program, each timed alone, against the whole program.
 
     python -m experiments.benchmark --only train --gemm-floor     # the benchmark's train step
 
 Reads every `dot` of XLA's optimised HLO (inside fusions too) with its operand shapes and
 dimension numbers, times each distinct product on its own (a jitted `lax.dot_general` of the
 same shapes; with torch, the same contraction as a `torch.einsum`, i.e. MKL on CPU), and sums
-over the program. The sum is what the step would cost if it did nothing but its matrix products,
-each as fast as alone: the gap between it and the step is what everything else costs (memory-
-bound ops, layout copies, products slowed down inside the program), and the torch column says
-how much of a ratio to the reference a faster matrix-product library alone would buy.
+over the program. The sum is what the step would cost doing nothing but its matrix products, one
+at a time, each as fast as alone: a step well above it spends time elsewhere (memory-bound ops,
+layout copies, products slowed down inside the program); a step at or below it (independent
+products can overlap on several cores) has nothing left to remove but the products' own time.
+The torch column says how much a faster matrix-product library alone would buy.
 
 Products inside a `while` body (scan_layers) are counted once per appearance, not per trip.
 """
