@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--gemm-floor",
         action="store_true",
-        help="time each matrix product of the JAX train step alone, XLA and torch "
+        help="time each matrix product of the JAX forward and train step alone, XLA and torch "
         "(experiments/gemm_floor.py), against the whole programs in the same rounds",
     )
     return p.parse_args(argv)
@@ -701,20 +701,17 @@ def main(argv=None):
     if args.gemm_floor and "jax" in jbs:
         from experiments.gemm_floor import floor_table, gemm_floor
 
-        # the FunnelModel forward and the ELECTRA train step, where they were timed above
-        for what in [
-            w for w, part in (("forward", "forward"), ("train step", "train")) if part in only
-        ]:
-            if what == "forward":
-                exe = jbs["jax"].fwd["FunnelModel"][0]
-                programs = {"jax": jbs["jax"].forward("FunnelModel")}
-                if tb:
-                    programs["torch"] = tb.forward("FunnelModel")
-            else:
-                exe = jbs["jax"].step
-                programs = {"jax": jbs["jax"].train()}
-                if tb:
-                    programs["torch"] = tb.train()
+        jb = jbs["jax"]
+        targets = []  # (what, compiled program, {impl: callable}), where timed above
+        if "forward" in only:
+            fwd = {"jax": jb.forward("FunnelModel")} | (
+                {"torch": tb.forward("FunnelModel")} if tb else {}
+            )
+            targets.append(("forward", jb.fwd["FunnelModel"][0], fwd))
+        if "train" in only:
+            train = {"jax": jb.train()} | ({"torch": tb.train()} if tb else {})
+            targets.append(("train step", jb.step, train))
+        for what, exe, programs in targets:
             floor = gemm_floor(
                 exe.as_text(),
                 with_torch=tb is not None,
