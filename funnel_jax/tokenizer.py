@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
-from tokenizers.trainers import WordPieceTrainer
 
 __all__ = ["BatchEncoding", "FunnelTokenizer"]
 
@@ -414,11 +413,14 @@ class FunnelTokenizer:
         model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
         show_progress: bool = False,
     ) -> FunnelTokenizer:
-        """Train a new WordPiece vocabulary (tokenizers' WordPieceTrainer).
+        """Train a new WordPiece vocabulary, deterministically (funnel_jax/vocab.py: the algorithm
+        of tokenizers' WordPieceTrainer with ties broken in a fixed order, so the same texts and
+        settings give a byte-identical vocab.txt in every process).
 
         ``files_or_iterator`` is a text file path, a list of paths, or an iterable of strings
         (or of lists of strings). The Funnel special tokens take ids 0..6: ``<pad> <unk> <cls>
         <sep> <mask> <s> </s>``. Texts are normalized and pre-tokenized exactly as when encoding.
+        Files are read as UTF-8, one text a line. ``show_progress`` is accepted and ignored.
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
             raise TypeError(f"vocab_size must be an int, got {_type_name(vocab_size)}")
@@ -428,36 +430,37 @@ class FunnelTokenizer:
                 f"vocab_size={vocab_size} must be larger than the {len(specials)} special tokens"
             )
         files = cls._as_files(files_or_iterator)
-        tok = Tokenizer(
-            WordPiece(
-                unk_token=DEFAULT_SPECIAL_TOKENS["unk_token"],
-                continuing_subword_prefix=WORDPIECE_PREFIX,
-                max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD,
-            )
-        )
-        tok.normalizer = normalizers.BertNormalizer(
+        normalizer = normalizers.BertNormalizer(
             clean_text=clean_text,
             handle_chinese_chars=tokenize_chinese_chars,
             strip_accents=strip_accents,
             lowercase=lowercase,
         )
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer_kwargs: dict[str, Any] = {}
-        if limit_alphabet is not None:
-            trainer_kwargs["limit_alphabet"] = limit_alphabet
-        trainer = WordPieceTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            show_progress=show_progress,
+        from funnel_jax.vocab import count_words, train_wordpiece_vocab
+
+        def training_texts(source):
+            if files is not None:
+                for path in source:
+                    with open(path, encoding="utf-8") as f:
+                        yield from f
+                return
+            for item in source:
+                if isinstance(item, str):
+                    yield item
+                else:
+                    yield from item
+
+        texts = training_texts(files if files is not None else files_or_iterator)
+        counts = count_words(texts, normalizer, pre_tokenizers.BertPreTokenizer())
+        tokens = train_wordpiece_vocab(
+            counts,
+            vocab_size,
             special_tokens=specials,
-            continuing_subword_prefix=WORDPIECE_PREFIX,
-            **trainer_kwargs,
+            min_frequency=min_frequency,
+            limit_alphabet=limit_alphabet,
+            prefix=WORDPIECE_PREFIX,
         )
-        if files is not None:
-            tok.train(files, trainer)
-        else:
-            tok.train_from_iterator(files_or_iterator, trainer)
-        vocab = tok.get_vocab(with_added_tokens=False)
+        vocab = {t: i for i, t in enumerate(tokens)}
         return cls._from_vocab_dict(
             vocab,
             source="training",
