@@ -54,8 +54,11 @@ def test_vocab_ties_in_id_order():
     """Equal pair counts merge in (left id, right id) order; min_frequency stops the merges."""
     from funnel_jax.vocab import train_wordpiece_vocab
 
-    counts = {"ab": 3, "cd": 3, "ef": 1}
+    counts = {"cd": 3, "ab": 3, "ef": 1}
+    alphabet = ["<pad>", "a", "b", "c", "d", "e", "f", "##b", "##d", "##f"]
     tokens = train_wordpiece_vocab(counts, 100, special_tokens=["<pad>"], min_frequency=2)
-    assert tokens == ["<pad>", "a", "c", "e", "##b", "##d", "##f", "ab", "cd"]
+    assert tokens == [*alphabet, "ab", "cd"]
+    one_merge = train_wordpiece_vocab(counts, 11, special_tokens=["<pad>"])
+    assert one_merge == [*alphabet, "ab"]  # the tie between "ab" and "cd" goes to the lower ids
     with pytest.raises(ValueError, match="vocab_size=1 must be larger"):
         train_wordpiece_vocab(counts, 1, special_tokens=["<pad>"])
