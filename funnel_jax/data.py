@@ -144,6 +144,155 @@ def read_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     return docs
 
 
+# --------------------------------------------------------------------------- streaming
+
+
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+STREAM_SUFFIXES = (".txt", *JSONL_SUFFIXES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """One document of a streamed corpus: its text (one line per sentence or paragraph) and
+    where it starts (`path:line`, for error messages)."""
+
+    text: str
+    path: str
+    line: int
+
+
+def _stream_kind(path: Path) -> tuple[str, str]:
+    """(format, compression) of a corpus file: format "jsonl" or "text", compression "", "gz"
+    or "zst" (by suffix: `x.jsonl.gz` is compressed JSON Lines)."""
+    suffixes = [q.lower() for q in path.suffixes]
+    comp = suffixes[-1][1:] if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES else ""
+    inner = suffixes[-2] if comp and len(suffixes) >= 2 else (suffixes[-1] if suffixes else "")
+    return ("jsonl" if inner in JSONL_SUFFIXES else "text"), comp
+
+
+def stream_corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand corpus arguments for streaming: files as given, directories to every *.txt,
+    *.jsonl, *.json file below them and the .gz / .zst compressed versions of each
+    (recursively, sorted)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise CorpusError("no corpus path given")
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            names = [f"*{s}" for s in STREAM_SUFFIXES]
+            names += [f"*{s}{c}" for s in STREAM_SUFFIXES for c in COMPRESSED_SUFFIXES]
+            found = sorted({q for n in names for q in p.rglob(n) if q.is_file()})
+            if not found:
+                raise CorpusError(
+                    f"{p}: directory holds no *.txt / *.jsonl / *.json file (nor .gz / .zst of "
+                    "them; searched recursively)"
+                )
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        elif p.exists():
+            raise CorpusError(f"{p}: neither a regular file nor a directory")
+        else:
+            raise FileNotFoundError(f"corpus path not found: {p}")
+    return files
+
+
+def _open_binary(path: Path, comp: str):
+    import io
+
+    try:
+        raw = open(path, "rb")  # closed through the returned wrapper
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    if comp == "gz":
+        import gzip
+
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if comp == "zst":
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return raw
+
+
+def _file_lines(path: Path, comp: str):
+    """(line number, text) of each line, decoded as UTF-8 one line at a time."""
+    try:
+        f = _open_binary(path, comp)
+        with f:
+            for lineno, raw in enumerate(f, 1):
+                nul = raw.find(b"\x00")
+                if nul >= 0:
+                    raise CorpusError(
+                        f"{path}:{lineno}: not a text file (NUL byte at column {nul + 1}); "
+                        "expected UTF-8 text"
+                    )
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(
+                        f"{path}:{lineno}: not UTF-8 text ({e.reason} at column {e.start + 1})"
+                    ) from None
+                if lineno == 1 and line.startswith("\ufeff"):
+                    line = line[1:]
+                yield lineno, line
+    except CorpusError:
+        raise
+    except (OSError, EOFError, ValueError) as e:
+        kind = {"gz": "gzip", "zst": "zstandard"}.get(comp, "")
+        what = f"not a valid {kind} file" if kind else "cannot read the file"
+        raise CorpusError(f"{path}: {what} ({e})") from None
+
+
+def iter_documents(paths: str | os.PathLike | Sequence[str | os.PathLike]):
+    """Stream the documents (`Document`) of text files, JSON Lines files (one object with a
+    "text" field a line) and their .gz / .zst versions, directories of them, one line at a time:
+    memory is bounded by the longest document, not by the corpus. Text files: blank lines
+    separate documents. Errors (CorpusError) name the file and line."""
+    for f in stream_corpus_files(paths):
+        fmt, comp = _stream_kind(f)
+        count = 0
+        if fmt == "jsonl":
+            for lineno, line in _file_lines(f, comp):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    got = type(obj).__name__ if not isinstance(obj, dict) else f"keys {sorted(obj)}"
+                    raise CorpusError(
+                        f'{f}:{lineno}: expected a JSON object with a string field "text", '
+                        f"got {got}"
+                    )
+                if obj["text"].strip():
+                    count += 1
+                    yield Document(obj["text"], str(f), lineno)
+            if not count:
+                raise CorpusError(f'{f}: no line has a non-empty "text" field')
+            continue
+        cur: list[str] = []
+        start = 0
+        for lineno, line in _file_lines(f, comp):
+            line = line.strip()
+            if line:
+                if not cur:
+                    start = lineno
+                cur.append(line)
+            elif cur:
+                count += 1
+                yield Document("\n".join(cur), str(f), start)
+                cur = []
+        if cur:
+            count += 1
+            yield Document("\n".join(cur), str(f), start)
+        if not count:
+            raise CorpusError(f"{f}: the file is empty")
+
+
 # --------------------------------------------------------------------------- sentences
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"'\)\]]*\s+(?=[\"'\(\[]?[A-Z0-9])")
