@@ -240,7 +240,9 @@ def _file_lines(path: Path, comp: str):
                 yield lineno, line
     except CorpusError:
         raise
-    except (OSError, EOFError, ValueError) as e:
+    except Exception as e:  # gzip / zstandard decoding errors have their own types
+        if not comp and not isinstance(e, OSError):
+            raise
         kind = {"gz": "gzip", "zst": "zstandard"}.get(comp, "")
         what = f"not a valid {kind} file" if kind else "cannot read the file"
         raise CorpusError(f"{path}: {what} ({e})") from None
