@@ -292,3 +292,50 @@ def test_missing_input_and_settings(tmp_path, small_tok, stdlib_docs):
     with pytest.raises(PrepareError, match="exactly one of tokenizer"):
         prepare_corpus([corpus], tmp_path / "p", seq_len=32)
     assert m["dtype"] == "uint16" and m["splits"]["train"]["records"] > 0
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_sigkill_during_preparation_then_rerun(tmp_path, small_tok, stdlib_docs):
+    """SIGKILL of `python -m experiments.prepare_data` (2 workers) while it packs leaves no
+    output directory; the rerun completes and its files are byte-identical to an uninterrupted
+    in-process (0 workers) preparation."""
+    import re
+    import signal
+    import time
+
+    from funnel_jax.prepare import prepare_corpus
+
+    corpus = _corpus_file(tmp_path, stdlib_docs * 6)
+    settings = dict(seq_len=128, num_shards=3, truncate_stride=4, chunk_chars=1 << 16)
+    ref = tmp_path / "ref"
+    prepare_corpus(
+        [corpus], ref, tokenizer=small_tok / "lower", workers=0, progress=False, **settings
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "experiments.prepare_data", "--corpus", str(corpus),
+           "--output", str(out), "--tokenizer", str(small_tok / "lower"), "--workers", "2",
+           "--seq-len", "128", "--num-shards", "3", "--truncate-stride", "4",
+           "--chunk-chars", str(1 << 16)]  # fmt: skip
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=err, start_new_session=True)
+        deadline = time.time() + 240
+        while not re.search(r"preparing: +[1-9]", log.read_text(errors="replace")):
+            assert proc.poll() is None, log.read_text(errors="replace")
+            assert time.time() < deadline, "no progress within 240 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the command and its workers
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert (tmp_path / ".out.partial").is_dir()
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "left by an interrupted preparation" in rerun.stderr
+    assert not (tmp_path / ".out.partial").exists()
+    assert _tree_bytes(out) == _tree_bytes(ref)
