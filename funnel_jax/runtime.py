@@ -69,3 +69,60 @@ def enable_compile_cache(directory: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     except Exception as e:  # noqa: BLE001 (a cache is an optimisation only)
         print(f"warning: no compilation cache ({e})", file=sys.stderr)
+
+
+# --- accelerator compile settings ----------------------------------------------------------
+
+# Chosen from deviceless compiles of the `large` train step (experiments/aot_compile.py,
+# BENCHMARKS.md "Compiling for GPU and TPU"). Each is a compile-time choice that keeps the
+# model's maths; the run-time cost of each is stated in BENCHMARKS.md.
+GPU_COMPILER_OPTIONS: dict[str, object] = {
+    # cuBLAS / cuBLASLt for every GEMM instead of emitting (and, on a real GPU, autotuning) a
+    # Triton kernel per GEMM shape.
+    "xla_gpu_enable_triton_gemm": False,
+}
+GPU_JAX_SETTINGS: dict[str, object] = {
+    # Threefry (the same random bits as on CPU/TPU, so dropout and checkpoints' RNG streams
+    # stay identical) emitted as one CUDA kernel instead of an unrolled chain of integer ops.
+    "jax_threefry_gpu_kernel_lowering": True,
+}
+TPU_COMPILER_OPTIONS: dict[str, object] = {}
+TPU_JAX_SETTINGS: dict[str, object] = {}
+
+
+def accelerator_settings(platform: str) -> dict[str, dict[str, object]]:
+    """{'jax': jax.config settings, 'compiler_options': XLA options} for 'cuda'/'gpu', 'tpu'
+    or 'cpu' (nothing for cpu)."""
+    platform = {"gpu": "cuda", "rocm": "cuda"}.get(platform, platform)
+    if platform == "cuda":
+        return {"jax": dict(GPU_JAX_SETTINGS), "compiler_options": dict(GPU_COMPILER_OPTIONS)}
+    if platform == "tpu":
+        return {"jax": dict(TPU_JAX_SETTINGS), "compiler_options": dict(TPU_COMPILER_OPTIONS)}
+    return {"jax": {}, "compiler_options": {}}
+
+
+def apply_accelerator_settings(platform: str | None = None) -> dict[str, dict[str, object]]:
+    """Apply `accelerator_settings` for `platform` (default: jax's default backend) to this
+    process: the jax.config settings directly, the XLA options appended to XLA_FLAGS (read when
+    the backend starts: call this before the first computation). Returns what was applied.
+
+    The entry points call it after parsing flags; FUNNEL_JAX_NO_ACCEL_SETTINGS=1 opts out.
+    """
+    if os.environ.get("FUNNEL_JAX_NO_ACCEL_SETTINGS"):
+        return {"jax": {}, "compiler_options": {}}
+    import jax
+
+    if platform is None:
+        platform = jax.default_backend()
+    settings = accelerator_settings(platform)
+    for name, value in settings["jax"].items():
+        jax.config.update(name, value)
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = []
+    for name, value in settings["compiler_options"].items():
+        if f"--{name}=" not in flags:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            extra.append(f"--{name}={text}")
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+    return settings

@@ -1,0 +1,223 @@
+"""Deviceless AOT compile tool (funnel_jax/aot.py, experiments/aot_compile.py).
+
+The GPU/TPU plugins are not installed in CI; what needs no plugin is tested here: target
+parsing, the HLO-text statistics (against hand-written HLO with known counts), the accelerator
+settings, and the whole compile path for `--target cpu` on 8 simulated devices (subprocess).
+"""
+
+# ruff: noqa: E501 (the hand-written HLO keeps XLA's long lines)
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from funnel_jax import aot, runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A hand-written optimised-HLO module with known counts:
+# kernels = 4 in the entry (2 fusions + cuBLAS + cuDNN custom calls) + 2 in the loop body
+# (1 fusion, 1 Triton GEMM fusion) = 6; the nested fusion inside %fused_computation.1 and the
+# reduction computation %add are not kernels. Collectives: all-gather-start (operand f32[2,8],
+# result f32[8,8] = 256 bytes), all-reduce of a (bf16[4,4], f32[4]) tuple (32 + 16 = 48 bytes),
+# reduce-scatter with operand bf16[16,4] (128 bytes) and result bf16[4,4], all-to-all
+# f32[2,2] (16 bytes), and one TPU all-reduce-scatter fusion (an all-reduce of bf16[8,8] =
+# 128 bytes whose result is sliced: a reduce-scatter).
+HLO = """\
+HloModule jit_step, entry_computation_layout={(f32[2,8]{1,0})->f32[8,8]{1,0}}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(f32[] %x, f32[] %y)
+}
+
+%fused_inner (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %neg = f32[8]{0} negate(f32[8]{0} %p)
+}
+
+%fused_computation.1 (param_0: f32[8,8]) -> f32[8,8] {
+  %param_0 = f32[8,8]{1,0} parameter(0)
+  %inner = f32[8]{0} fusion(f32[8]{0} %param_0), kind=kLoop, calls=%fused_inner
+  ROOT %exp = f32[8,8]{1,0} exponential(f32[8,8]{1,0} %param_0)
+}
+
+%fused_computation.2 (param_0.1: f32[8,8]) -> f32[8] {
+  %param_0.1 = f32[8,8]{1,0} parameter(0)
+  %c = f32[] constant(0)
+  ROOT %r = f32[8]{0} reduce(f32[8,8]{1,0} %param_0.1, f32[] %c), dimensions={1}, to_apply=%add
+}
+
+%triton_gemm_computation (a: bf16[8,8], b: bf16[8,8]) -> bf16[8,8] {
+  %a = bf16[8,8]{1,0} parameter(0)
+  %b = bf16[8,8]{1,0} parameter(1)
+  ROOT %d = bf16[8,8]{1,0} dot(bf16[8,8]{1,0} %a, bf16[8,8]{1,0} %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%all-reduce-scatter.1 (input: bf16[8,8]) -> bf16[2,8] {
+  %input = bf16[8,8]{1,0} parameter(0)
+  %all-reduce.9 = bf16[8,8]{1,0} all-reduce(%input), channel_id=9, replica_groups={{0,1,2,3}}, to_apply=%add
+  %pid = u32[] partition-id()
+  %zero = u32[] constant(0)
+  ROOT %ds = bf16[2,8]{1,0} dynamic-slice(%all-reduce.9, %pid, %zero), dynamic_slice_sizes={2,8}
+}
+
+%body (state: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %state = (s32[], f32[8,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element((s32[], f32[8,8]{1,0}) %state), index=0
+  %v = f32[8,8]{1,0} get-tuple-element((s32[], f32[8,8]{1,0}) %state), index=1
+  %f3 = f32[8,8]{1,0} fusion(f32[8,8]{1,0} %v), kind=kLoop, calls=%fused_computation.1
+  %bv = bf16[8,8]{1,0} convert(f32[8,8]{1,0} %f3)
+  %g = bf16[8,8]{1,0} fusion(bf16[8,8]{1,0} %bv, bf16[8,8]{1,0} %bv), kind=kCustom, calls=%triton_gemm_computation, backend_config={"fusion_backend_config":{"kind":"__triton_gemm","triton_gemm_config":{"block_m":"16"}}}
+  ROOT %t = (s32[], f32[8,8]{1,0}) tuple(s32[] %i, f32[8,8]{1,0} %f3)
+}
+
+%cond (state.1: (s32[], f32[8,8])) -> pred[] {
+  %state.1 = (s32[], f32[8,8]{1,0}) parameter(0)
+  ROOT %lt = pred[] constant(true)
+}
+
+ENTRY %main.42 (Arg_0: f32[2,8]) -> f32[8,8] {
+  %Arg_0 = f32[2,8]{1,0} parameter(0)
+  %ags = (f32[2,8]{1,0}, f32[8,8]{1,0}) all-gather-start(f32[2,8]{1,0} %Arg_0), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  %agd = f32[8,8]{1,0} all-gather-done((f32[2,8]{1,0}, f32[8,8]{1,0}) %ags)
+  %f1 = f32[8,8]{1,0} fusion(f32[8,8]{1,0} %agd), kind=kLoop, calls=%fused_computation.1
+  %f2 = f32[8]{0} fusion(f32[8,8]{1,0} %f1), kind=kInput, calls=%fused_computation.2
+  %gemm = (bf16[8,8]{1,0}, s8[1024]{0}) custom-call(f32[8,8]{1,0} %f1, f32[8,8]{1,0} %f1), custom_call_target="__cublas$lt$matmul", backend_config={}
+  %fmha = (bf16[1,2,8,4]{3,2,1,0}, u8[0]{0}) custom-call(f32[8,8]{1,0} %f1), custom_call_target="__cudnn$fmhaSoftmax"
+  %gte = bf16[8,8]{1,0} get-tuple-element((bf16[8,8]{1,0}, s8[1024]{0}) %gemm), index=0
+  %ar = (bf16[4,4]{1,0}, f32[4]{0}) all-reduce(bf16[4,4]{1,0} %x1, f32[4]{0} %x2), channel_id=2, replica_groups={{0,1}}, to_apply=%add
+  %rs = bf16[4,4]{1,0} reduce-scatter(bf16[16,4]{1,0} %y), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
+  %a2a = f32[2,2]{1,0} all-to-all(f32[2,2]{1,0} %z), channel_id=4, replica_groups={{0,1}}
+  %ars = bf16[2,8]{1,0} fusion(bf16[8,8]{1,0} %gte), kind=kCustom, calls=%all-reduce-scatter.1
+  %init = (s32[], f32[8,8]{1,0}) tuple(s32[] %c0, f32[8,8]{1,0} %f1)
+  %w = (s32[], f32[8,8]{1,0}) while((s32[], f32[8,8]{1,0}) %init), condition=%cond, body=%body
+  ROOT %out = f32[8,8]{1,0} get-tuple-element((s32[], f32[8,8]{1,0}) %w), index=1
+}
+"""
+
+
+def test_hlo_stats_counts_known_module():
+    s = aot.hlo_stats(HLO)
+    assert (
+        s["kernels"] == 7
+    )  # 4 entry fusions/custom calls + the fused reduce-scatter + 2 in the loop
+    assert s["fusions"] == 5
+    assert s["fusion_kinds"] == {
+        "kCustom": 1,
+        "kCustom:__triton_gemm": 1,
+        "kInput": 1,
+        "kLoop": 2,
+    }
+    assert s["custom_calls"] == {"__cublas$lt$matmul": 1, "__cudnn$fmhaSoftmax": 1}
+    assert (s["cublas_gemms"], s["cudnn_calls"], s["triton_gemms"]) == (1, 1, 1)
+    assert s["while_loops"] == 1
+    assert s["collectives"] == {
+        "all-gather": {"count": 1, "bytes": 256},
+        "all-reduce": {"count": 1, "bytes": 48},
+        "all-to-all": {"count": 1, "bytes": 16},
+        "reduce-scatter": {"count": 2, "bytes": 128 + 128},
+    }
+
+
+def test_array_bytes_and_tuples():
+    assert aot.array_bytes("bf16[16,512,1024]{2,1,0}") == 16 * 512 * 1024 * 2
+    assert aot.array_bytes("(f32[2,3]{1,0}, pred[7]{0}, s32[])") == 24 + 7 + 4
+    assert aot.array_bytes("f32[8]{0:T(256)}") == 32  # TPU tiled layouts
+    assert aot._tuple_elements("((f32[2], f32[3]), (f32[4], f32[6]))") == [
+        "(f32[2], f32[3])",
+        "(f32[4], f32[6])",
+    ]
+
+
+def test_parse_target():
+    assert aot.parse_target("cpu") == aot.Target("cpu", "cpu")
+    h200 = aot.parse_target("h200")
+    assert (h200.kind, h200.topology, h200.platform) == ("gpu", "1x1x1", "cuda")
+    assert h200.target_config == ROOT / "configs" / "targets" / "h200.txtpb"
+    assert aot.parse_target("H100:1x1x8").topology == "1x1x8"
+    tpu = aot.parse_target("tpu:v5p:4x4x4")
+    assert (tpu.kind, tpu.topology, tpu.platform) == ("tpu", "v5p:4x4x4", "tpu")
+    with pytest.raises(ValueError, match="unknown target"):
+        aot.parse_target("a100")
+    with pytest.raises(ValueError, match="GPU topology"):
+        aot.parse_target("h200:8")
+    with pytest.raises(ValueError, match="tpu:<generation>:<topology>"):
+        aot.parse_target("tpu:4x4")
+    with pytest.raises(ValueError, match="does not exist"):
+        aot.parse_target("h200", target_config="/nonexistent.txtpb")
+
+
+def test_gpu_target_configs_are_hopper():
+    for name, memory in (("h200", 151397597184), ("h100", 85899345920)):
+        text = (ROOT / "configs" / "targets" / f"{name}.txtpb").read_text()
+        assert "core_count: 132" in text and "major: 9" in text
+        assert f"device_memory_size: {memory}" in text
+
+
+def test_compiler_options_and_accelerator_settings(monkeypatch):
+    assert aot.parse_compiler_options(["a=false", "b=12", "c=x"]) == {"a": False, "b": 12, "c": "x"}
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        aot.parse_compiler_options(["novalue"])
+    assert runtime.accelerator_settings("cpu") == {"jax": {}, "compiler_options": {}}
+    gpu = runtime.accelerator_settings("gpu")
+    assert gpu["compiler_options"]["xla_gpu_enable_triton_gemm"] is False
+    assert gpu["jax"]["jax_threefry_gpu_kernel_lowering"] is True
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    monkeypatch.setattr(runtime, "GPU_JAX_SETTINGS", {})  # leave this process's jax.config alone
+    runtime.apply_accelerator_settings("cuda")
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_gpu_enable_triton_gemm=false"
+    runtime.apply_accelerator_settings("cuda")  # idempotent
+    assert os.environ["XLA_FLAGS"].count("triton_gemm") == 1
+
+
+_TINY = [
+    "--config", "small",
+    "--set", "block_sizes=[1,1,1]", "d_model=32", "n_head=4", "d_head=8", "d_inner=64",
+    "vocab_size=256", "num_decoder_layers=1",
+    "--pretrain-preset", "tiny",
+    "--seq-len", "16", "--batch-size", "8", "--dtype", "float32",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cpu_compile(tmp_path_factory):
+    """The CLI on 8 simulated CPU devices (mesh fsdp=4 x tensor=2): forward and ELECTRA step."""
+    out = tmp_path_factory.mktemp("aot")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    cmd = [sys.executable, "-m", "experiments.aot_compile", "--target", "cpu", *_TINY,
+           "--mesh", "fsdp=4,tensor=2", "--forward", "--json", str(out / "r.json"),
+           "--hlo-dir", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout, json.loads((out / "r.json").read_text()), out
+
+
+def test_cpu_compile_prints_and_writes(cpu_compile):
+    stdout, result, out = cpu_compile
+    assert "[forward]" in stdout and "[train_step]" in stdout and "memory per device" in stdout
+    assert result["meta"]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    progs = {p["program"]: p for p in result["programs"]}
+    assert set(progs) == {"forward", "train_step"}
+    step = progs["train_step"]
+    assert step["compile_s"] > 0 and step["hlo"]["kernels"] > progs["forward"]["hlo"]["kernels"]
+    # parameters and optimizer state (3 copies, float32) are the arguments, donated to the outputs
+    assert step["memory"]["arguments"] > 0 and step["memory"]["aliased"] > 0
+    assert step["model_flops"] > 3 * progs["forward"]["model_flops"]  # + the generator
+    assert (out / "train_step.hlo.txt").read_text().startswith("HloModule")
+
+
+def test_cpu_compile_collectives(cpu_compile):
+    """FSDP gathers parameters; tensor parallelism and the batch split all-reduce partial sums."""
+    _, result, _ = cpu_compile
+    progs = {p["program"]: p for p in result["programs"]}
+    for name in ("forward", "train_step"):
+        kinds = progs[name]["hlo"]["collectives"]
+        assert kinds.get("all-gather", {}).get("count", 0) > 0, (name, kinds)
+        assert kinds.get("all-reduce", {}).get("count", 0) > 0, (name, kinds)
