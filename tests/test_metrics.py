@@ -202,3 +202,57 @@ def test_squad_v2_empty_vs_answer():
     s = metrics.squad_evaluate({"a": [], "b": ["x y"]}, {"a": "", "b": ""}, version="v2")
     assert s["exact_match"] == pytest.approx(50.0)
     assert s["NoAns_exact_match"] == 100.0 and s["HasAns_exact_match"] == 0.0
+
+
+# --------------------------------------------------------------------------- against seqeval
+
+
+def _random_tags(rng, n_sentences, schemes=("B", "I", "E", "S"), types=("PER", "LOC", "ORG")):
+    """Sentences of random (often malformed) tags: I- after O, type changes, stray E-/S-."""
+    out = []
+    for _ in range(n_sentences):
+        length = int(rng.integers(1, 12))
+        tags = []
+        for _ in range(length):
+            if rng.random() < 0.35:
+                tags.append("O")
+            else:
+                tags.append(f"{rng.choice(schemes)}-{rng.choice(types)}")
+        out.append(tags)
+    return out
+
+
+def _perturb(rng, y_true, p=0.25):
+    """Predictions: the gold tags with a fraction replaced at random."""
+    pool = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "E-PER", "S-LOC"]
+    return [[t if rng.random() > p else str(rng.choice(pool)) for t in s] for s in y_true]
+
+
+@pytest.mark.parametrize(
+    "schemes", [("B", "I"), ("I",), ("B", "I", "E", "S")], ids=["bio", "iob1", "iobes"]
+)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_entity_scores_match_seqeval(schemes, seed):
+    from seqeval.metrics import (
+        accuracy_score,
+        classification_report,
+        f1_score,
+        precision_score,
+        recall_score,
+    )
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    rng = np.random.default_rng(seed)
+    y_true = _random_tags(rng, 40, schemes=schemes)
+    y_pred = _perturb(rng, y_true)
+    ours = metrics.entity_scores(y_true, y_pred)
+    assert ours["precision"] == pytest.approx(precision_score(y_true, y_pred), abs=1e-12)
+    assert ours["recall"] == pytest.approx(recall_score(y_true, y_pred), abs=1e-12)
+    assert ours["f1"] == pytest.approx(f1_score(y_true, y_pred), abs=1e-12)
+    assert ours["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
+    assert 0.0 < ours["f1"] < 1.0  # a real comparison, not two trivial scores
+    report = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
+    per_type = {k: v["f1-score"] for k, v in report.items() if not k.endswith(" avg")}
+    assert {k[3:]: v for k, v in ours.items() if k.startswith("f1_")} == pytest.approx(per_type)
+    for sentence in y_true[:10] + y_pred[:10]:
+        assert metrics.get_entities(sentence) == get_entities(sentence), sentence
