@@ -339,3 +339,36 @@ def test_sigkill_during_preparation_then_rerun(tmp_path, small_tok, stdlib_docs)
     assert "left by an interrupted preparation" in rerun.stderr
     assert not (tmp_path / ".out.partial").exists()
     assert _tree_bytes(out) == _tree_bytes(ref)
+
+
+def test_slices_and_merge(tmp_path, small_tok, stdlib_docs):
+    """Two machines' slices of the input files, merged: the loader reads every example of both
+    (records and tokens add up, the eval split too); mismatched parts are refused."""
+    from funnel_jax.loader import PreparedBatches
+    from funnel_jax.prepare import PrepareError, merge_prepared, prepare_corpus
+
+    files = [
+        _corpus_file(tmp_path, stdlib_docs[i * 40 : (i + 1) * 40], f"f{i}.txt") for i in (0, 1)
+    ]
+    kw = dict(seq_len=64, tokenizer=small_tok / "lower", workers=0, eval_fraction=0.1,
+              progress=False)  # fmt: skip
+    parts = [tmp_path / "parts" / str(i) for i in (0, 1)]
+    for i, part in enumerate(parts):
+        m = prepare_corpus(files, part, slice_index=i, slice_count=2, **kw)
+        assert [c["path"] for c in m["request"]["corpus"]] == [str(files[i].resolve())]
+    merged = merge_prepared(parts, tmp_path / "all")
+    for split in ("train", "eval"):
+        want = [_records(p, split)["input_ids"] for p in parts]
+        got = _records(tmp_path / "all", split)["input_ids"]
+        np.testing.assert_array_equal(got, np.concatenate(want), err_msg=split)
+        assert merged["splits"][split]["records"] == len(got) > 0
+    it = PreparedBatches(tmp_path / "all", global_batch=4, seed=0)
+    assert it.num_records == merged["splits"]["train"]["records"]
+    assert next(it)["input_ids"].shape == (4, 64)
+    it.close()
+    other = prepare_corpus(files[:1], tmp_path / "other", **{**kw, "seq_len": 32})
+    assert other["seq_len"] == 32
+    with pytest.raises(PrepareError, match="seq_len 32 differs"):
+        merge_prepared([parts[0], tmp_path / "other"], tmp_path / "bad")
+    with pytest.raises(PrepareError, match="slice 2 of 2"):
+        prepare_corpus(files, tmp_path / "x", slice_index=2, slice_count=2, **kw)
