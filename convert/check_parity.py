@@ -91,12 +91,18 @@ def _torch_model(transformers, torch, cls_name, src, config_path):
     return model
 
 
-def compare(src, model_class=None, config_path=None, inputs=None, seq_len=None):
-    """{output name: max abs difference} between PyTorch and funnel-jax on `inputs`."""
+def compare(src, model_class=None, config_path=None, inputs=None, seq_len=None, **hub_options):
+    """{output name: max abs difference} between PyTorch and funnel-jax on `inputs`.
+
+    SRC is a path or a Hub id (`hub_options`: revision, cache_dir, local_files_only, token);
+    both sides read the same fetched files.
+    """
     import torch
     import transformers
 
-    module, params, folder = torch_to_orbax.load_flax(src, config_path, model_class)
+    module, params, folder = torch_to_orbax.load_flax(src, config_path, model_class, **hub_options)
+    if not Path(src).exists():  # a Hub id: the reference reads the same snapshot
+        src = folder
     cls_name = type(module).__name__
     if inputs is None:
         inputs = sample_inputs(module.config, seq_len)
@@ -141,20 +147,24 @@ def main(argv=None) -> int:
         prog="python -m convert.check_parity",
         description="Compare a transformers checkpoint in PyTorch and in funnel-jax.",
     )
-    p.add_argument("src", help="transformers directory (or a weights file with --config)")
+    p.add_argument("src", help="transformers directory, Hub id, or a weights file with --config")
     p.add_argument("--config", help="config.json for a bare weights file")
     p.add_argument("--model-class", help="class to compare (default: config architectures)")
     p.add_argument("--text", help="text to encode with the tokenizer stored beside the weights")
     p.add_argument("--text-pair", help="second segment for --text")
     p.add_argument("--seq-len", type=int, default=None, help="length of the random inputs")
     p.add_argument("--atol", type=float, default=1e-5, help="largest allowed max-abs difference")
+    torch_to_orbax.add_hub_arguments(p)
     args = p.parse_args(argv)
+    hub = torch_to_orbax.hub_options(args)
     try:
         inputs = None
         if args.text is not None:
-            _, _, folder = torch_to_orbax.find_weights(args.src, args.config)
+            _, _, folder = torch_to_orbax.find_weights(args.src, args.config, **hub)
             inputs = text_inputs(folder, args.text, args.text_pair)
-        cls_name, diffs = compare(args.src, args.model_class, args.config, inputs, args.seq_len)
+        cls_name, diffs = compare(
+            args.src, args.model_class, args.config, inputs, args.seq_len, **hub
+        )
     except (WeightsError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from convert import torch_to_orbax
 from funnel_jax import checkpoint, weights
 from funnel_jax.weights import WeightsError
 
@@ -43,8 +44,14 @@ def write_transformers_dir(directory: Path, module, params, dtype=None) -> None:
     save_file(state, str(directory / weights.SAFETENSORS_NAME), metadata={"format": "pt"})
 
 
-def convert(src, dst, model_class=None, dtype=None, overwrite: bool = False) -> Path:
-    src, dst = Path(src), Path(dst)
+def convert(src, dst, model_class=None, dtype=None, overwrite: bool = False, **hub_options) -> Path:
+    """Write the Orbax model directory SRC (a path, or a Hub id holding config.json and
+    params/; `hub_options`: revision, cache_dir, local_files_only, token) as a transformers
+    directory DST. Returns DST."""
+    from funnel_jax import hub
+
+    src = hub.resolve_orbax_model_dir(src, **hub_options)
+    dst = Path(dst)
     if not checkpoint.is_orbax_model_dir(src):
         raise FileNotFoundError(
             f"{src}: not an Orbax model directory (needs {weights.CONFIG_NAME} and "
@@ -66,13 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m convert.orbax_to_torch",
         description="Convert an Orbax model directory into a transformers directory.",
     )
-    p.add_argument("src", help="Orbax model directory (from convert.torch_to_orbax)")
+    p.add_argument(
+        "src", help="Orbax model directory (from convert.torch_to_orbax), or a Hub id of one"
+    )
     p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--model-class", help="class to write (default: the stored one)")
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="cast (default: as stored)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    torch_to_orbax.add_hub_arguments(p)
     return p
 
 
@@ -86,6 +96,7 @@ def main(argv=None) -> int:
             model_class=args.model_class,
             dtype=None if args.dtype is None else DTYPES[args.dtype],
             overwrite=args.overwrite,
+            **torch_to_orbax.hub_options(args),
         )
     except (WeightsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

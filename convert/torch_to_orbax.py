@@ -266,9 +266,30 @@ def _index_files(index: Path) -> list[Path]:
     return paths
 
 
-def find_weights(src: str | os.PathLike, config_path=None) -> tuple[list[Path], Path, Path]:
-    """(weight files, config.json, directory holding the weights) for a SRC argument."""
-    src = Path(src)
+def find_weights(
+    src: str | os.PathLike,
+    config_path=None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> tuple[list[Path], Path, Path]:
+    """(weight files, config.json, directory holding the weights) for a SRC argument.
+
+    SRC that does not exist locally is taken as a Hugging Face Hub id: config, weights and
+    tokenizer files are fetched into the Hub cache (funnel_jax.hub.resolve_model_dir).
+    """
+    from funnel_jax import hub
+
+    src = hub.resolve_model_dir(
+        src,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        tokenizer=True,
+    )
     if src.is_file():
         files = _index_files(src) if src.name.endswith(".index.json") else [src]
         folder = src.parent
@@ -408,9 +429,13 @@ def load_flax(
     dtype=None,
     progress: bool = False,
     rng=None,
+    **hub_options,
 ):
-    """Read a `transformers` checkpoint into `(module, params, weights folder)`, in memory."""
-    files, config_path, folder = find_weights(src, config_path)
+    """Read a `transformers` checkpoint into `(module, params, weights folder)`, in memory.
+
+    `hub_options` (revision, cache_dir, local_files_only, token) apply when SRC is a Hub id.
+    """
+    files, config_path, folder = find_weights(src, config_path, **hub_options)
     config, cls = load_config(config_path, model_class)
     param_dtype = jnp.float32 if dtype is None else dtype
     module = cls(config=config, dtype=param_dtype, param_dtype=param_dtype)
@@ -443,12 +468,19 @@ def convert(
     dtype=None,
     overwrite: bool = False,
     progress: bool = True,
+    **hub_options,
 ) -> Path:
-    """Convert SRC into the Orbax model directory DST (atomically). Returns DST."""
+    """Convert SRC (a path or a Hub id) into the Orbax model directory DST (atomically).
+
+    `hub_options` (revision, cache_dir, local_files_only, token) apply when SRC is a Hub id.
+    Returns DST.
+    """
     dst = Path(dst)
     if (dst.exists() or dst.is_symlink()) and not overwrite:
         raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
-    module, params, folder = load_flax(src, config_path, model_class, dtype, progress)
+    module, params, folder = load_flax(
+        src, config_path, model_class, dtype, progress, **hub_options
+    )
     extra = [folder / name for name in checkpoint.TOKENIZER_FILES if (folder / name).is_file()]
     checkpoint.save_model_dir(dst, module, params, extra_files=extra, overwrite=overwrite)
     return dst
@@ -459,14 +491,41 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m convert.torch_to_orbax",
         description="Convert a transformers Funnel checkpoint into an Orbax model directory.",
     )
-    p.add_argument("src", help="transformers directory, shard index, or a state-dict file")
+    p.add_argument(
+        "src",
+        help="transformers directory, shard index, state-dict file, or a Hugging Face Hub id",
+    )
     p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--config", help="config.json (default: the one beside the weights)")
     p.add_argument("--model-class", help="class to convert into (default: config architectures)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="stored dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--no-progress", action="store_true", help="no per-tensor progress bar")
+    add_hub_arguments(p)
     return p
+
+
+def add_hub_arguments(p: argparse.ArgumentParser) -> None:
+    """--revision, --cache-dir, --local-files-only, --token: for a SRC that is a Hub id."""
+    g = p.add_argument_group("Hugging Face Hub (when SRC is a Hub id)")
+    g.add_argument("--revision", help="branch, tag or commit (default: main)")
+    g.add_argument("--cache-dir", help="Hub cache directory (default: HF_HUB_CACHE)")
+    g.add_argument(
+        "--local-files-only",
+        action="store_true",
+        help="use the cache only, no network (as HF_HUB_OFFLINE=1)",
+    )
+    g.add_argument("--token", help="Hub token for private/gated repositories (default: HF_TOKEN)")
+
+
+def hub_options(args: argparse.Namespace) -> dict:
+    """The hub keyword arguments of parsed add_hub_arguments flags."""
+    return {
+        "revision": args.revision,
+        "cache_dir": args.cache_dir,
+        "local_files_only": args.local_files_only,
+        "token": args.token,
+    }
 
 
 def main(argv=None) -> int:
@@ -481,6 +540,7 @@ def main(argv=None) -> int:
             dtype=DTYPES[args.dtype],
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            **hub_options(args),
         )
     except (WeightsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

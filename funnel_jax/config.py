@@ -199,6 +199,33 @@ class FunnelConfig:
             raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
         return cls.from_dict(d, **overrides)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        **overrides,
+    ) -> FunnelConfig:
+        """The config.json of a model directory or a Hugging Face Hub id (see funnel_jax.hub).
+
+        For a Hub id only config.json is fetched; `overrides` replace fields.
+        """
+        from funnel_jax import hub
+
+        directory = hub.resolve_config_dir(
+            name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        path = directory / "config.json" if directory.is_dir() else directory
+        return cls.from_json_file(path, **overrides)
+
     def to_dict(self) -> dict[str, Any]:
         d = {}
         for f in dataclasses.fields(self):

@@ -268,13 +268,36 @@ class FunnelTokenizer:
         return cls(Tokenizer(model), **kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> FunnelTokenizer:
-        """Load from a local directory holding ``tokenizer.json`` or ``vocab.txt``.
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        **overrides: Any,
+    ) -> FunnelTokenizer:
+        """Load from a directory holding ``tokenizer.json`` or ``vocab.txt``, or a Hub id.
 
         ``tokenizer_config.json`` (and ``special_tokens_map.json``), when present, give the
         lowercasing / accent / Chinese-character flags, the special tokens and
-        ``model_max_length``. Keyword ``overrides`` win over the files. No hub downloads.
+        ``model_max_length``. Keyword ``overrides`` win over the files. A ``directory`` that
+        does not exist locally is taken as a Hugging Face Hub id ("funnel-transformer/small"):
+        only the tokenizer files are fetched with huggingface_hub (``revision``,
+        ``cache_dir``, ``local_files_only``, ``token``, HF_HUB_OFFLINE / HF_HUB_CACHE; see
+        funnel_jax.hub).
         """
+        from funnel_jax import hub
+
+        if not hub.is_local(directory) and hub.looks_like_repo_id(os.fspath(directory)):
+            directory = hub.resolve_tokenizer_dir(
+                directory,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                token=token,
+            )
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
             raise FileNotFoundError(

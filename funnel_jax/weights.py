@@ -296,7 +296,70 @@ def read_safetensors_dir(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"{directory}: no {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME}")
 
 
-def load_config(directory: str | os.PathLike) -> FunnelConfig:
+BIN_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+
+
+def _index_shards(index: Path) -> list[Path]:
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = list(dict.fromkeys(weight_map.values()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise WeightsError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise WeightsError(f"{index}: shard files not found: {', '.join(missing)}")
+    return [index.parent / s for s in shards]
+
+
+def read_weights_dir(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The state dict of a `transformers` directory, in the order `transformers` prefers:
+    model.safetensors, model.safetensors.index.json's shards, pytorch_model.bin (read
+    without torch, funnel_jax.torch_bin), pytorch_model.bin.index.json's shards."""
+    from funnel_jax.torch_bin import TorchBinError, read_torch_bin
+
+    directory = Path(directory)
+    if (directory / SAFETENSORS_NAME).is_file() or (directory / SAFETENSORS_INDEX_NAME).is_file():
+        return read_safetensors_dir(directory)
+    files = []
+    if (directory / BIN_NAME).is_file():
+        files = [directory / BIN_NAME]
+    elif (directory / BIN_INDEX_NAME).is_file():
+        files = _index_shards(directory / BIN_INDEX_NAME)
+    if not files:
+        found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        raise FileNotFoundError(
+            f"{directory}: no weights (looked for {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
+            f"{BIN_NAME}, {BIN_INDEX_NAME}); found: {', '.join(found) or 'nothing'}"
+        )
+    out: dict[str, np.ndarray] = {}
+    for path in files:
+        try:
+            out.update(read_torch_bin(path))
+        except TorchBinError as e:
+            raise WeightsError(str(e)) from None
+    return out
+
+
+def load_config(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> FunnelConfig:
+    """The FunnelConfig of a model directory or a Hub id (only config.json is fetched)."""
+    from funnel_jax import hub
+
+    directory = hub.resolve_config_dir(
+        name_or_path,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+    )
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}")
@@ -313,18 +376,38 @@ def resolve_model_class(config: FunnelConfig, model_class=None):
 
 
 def from_pretrained(
-    path, model_class=None, dtype=None, param_dtype=None, rng=None, **config_overrides
+    name_or_path,
+    model_class=None,
+    dtype=None,
+    param_dtype=None,
+    rng=None,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    **config_overrides,
 ):
-    """Load `(module, params)` from a directory.
+    """Load `(module, params)` from a directory or a Hugging Face Hub id.
 
-    `path` is a `save_pretrained` directory (config.json + model.safetensors or a sharded set)
-    or an Orbax directory written by `convert.torch_to_orbax` / the training loops. The class
-    comes from config.json's `architectures` unless `model_class` (a name or class) is given.
-    `dtype` sets both the compute and parameter dtype unless `param_dtype` is given.
+    `name_or_path` is a `save_pretrained` / `transformers` directory (config.json plus
+    model.safetensors, pytorch_model.bin or a sharded set), an Orbax directory written by
+    `convert.torch_to_orbax` / the training loops, or a Hub id such as
+    "funnel-transformer/small" (fetched with huggingface_hub into its cache, see
+    `funnel_jax.hub`; `revision`, `cache_dir`, `local_files_only`, `token`, HF_HUB_OFFLINE and
+    HF_HUB_CACHE as in `transformers`). The class comes from config.json's `architectures`
+    unless `model_class` (a name or class) is given. `dtype` sets both the compute and
+    parameter dtype unless `param_dtype` is given.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such directory")
+    from funnel_jax import hub
+
+    path = hub.resolve_model_dir(
+        name_or_path,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+    )
     from funnel_jax import checkpoint  # local import: Orbax is heavy and optional here
 
     if checkpoint.is_orbax_model_dir(path):
@@ -343,13 +426,25 @@ def from_pretrained(
     dtype = jax.numpy.float32 if dtype is None else dtype
     param_dtype = dtype if param_dtype is None else param_dtype
     module = cls(config=config, dtype=dtype, param_dtype=param_dtype)
-    state_dict = read_safetensors_dir(path)
+    state_dict = read_weights_dir(path)
     params = state_dict_to_params(state_dict, module, rng=rng, dtype=param_dtype)
     return module, params
 
 
-def save_pretrained(module: nn.Module, params, directory: str | os.PathLike) -> None:
-    """Write config.json + model.safetensors that `transformers` loads directly."""
+def save_pretrained(
+    module: nn.Module, params, directory: str | os.PathLike, push_to_hub: bool = False
+) -> None:
+    """Write config.json + model.safetensors that `transformers` loads directly.
+
+    `push_to_hub=True` is not implemented: upload the directory with huggingface_hub
+    (`HfApi().upload_folder(folder_path=directory, repo_id="ORG/NAME")`, see docs/hub.md).
+    """
+    if push_to_hub:
+        raise NotImplementedError(
+            "save_pretrained(push_to_hub=True) is not implemented: save the directory, then "
+            "upload it with huggingface_hub: HfApi().create_repo('ORG/NAME', exist_ok=True); "
+            "HfApi().upload_folder(folder_path=DIR, repo_id='ORG/NAME') (docs/hub.md)"
+        )
     from safetensors.numpy import save_file
 
     directory = Path(directory)
