@@ -133,7 +133,7 @@ class _Repo:
         Absent means: not in the repository (online), or not in the cached snapshot (offline,
         once config.json was found there). Everything else raises HubError.
         """
-        from huggingface_hub import errors
+        from huggingface_hub import utils as errors  # the error classes, in every release
 
         try:
             path = self.hub.hf_hub_download(
@@ -393,7 +393,7 @@ def resolve_orbax_model_dir(
         return local
     repo = _Repo(os.fspath(name_or_path), revision, cache_dir, local_files_only, token)
     repo.fetch(CONFIG_NAME)
-    from huggingface_hub import errors
+    from huggingface_hub import utils as errors
 
     try:
         folder = repo.hub.snapshot_download(
