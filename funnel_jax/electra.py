@@ -132,13 +132,50 @@ def num_predictions(seq_len: int, mask_prob: float) -> int:
     return max(1, math.ceil(mask_prob * seq_len))
 
 
+def position_slots(positions: jax.Array, length: int) -> jax.Array:
+    """[B, P] positions -> [B, P, L] bool, True where slot p holds position l (one-hot)."""
+    return positions[..., None] == jnp.arange(length, dtype=positions.dtype)
+
+
+def take_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, L, ...] at positions [B, P] -> [B, P, ...], as a one-hot contraction (no gather).
+
+    Exact: each output sums one x value with zeros (integers by a masked sum, floats by an
+    einsum at HIGHEST precision, which TPUs would otherwise round to bf16)."""
+    slots = position_slots(positions, x.shape[1])
+    if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == bool:
+        assert x.ndim == 2, x.shape
+        return jnp.sum(jnp.where(slots, x[:, None, :], 0), axis=-1).astype(x.dtype)
+    return jnp.einsum(
+        "BPL,BL...->BP...", slots.astype(x.dtype), x, precision=jax.lax.Precision.HIGHEST
+    )
+
+
+def put_positions(ids: jax.Array, positions: jax.Array, values: jax.Array) -> jax.Array:
+    """ids [B, L] with ids[b, positions[b, p]] = values[b, p] (the positions of a row are
+    distinct), as a one-hot select (no scatter)."""
+    slots = position_slots(positions, ids.shape[1])
+    covered = jnp.any(slots, axis=1)
+    new = jnp.sum(jnp.where(slots, values[..., None], 0), axis=1)
+    return jnp.where(covered, new, ids).astype(ids.dtype)
+
+
+def nth_regular_id(rank: jax.Array, special_ids) -> jax.Array:
+    """The rank-th (0-based) id, ascending, of those not in `special_ids` (concrete ids, e.g.
+    numpy): `setdiff1d(arange(V), special_ids)[rank]` by elementwise steps, not a gather."""
+    token = rank
+    for s in np.unique(np.asarray(special_ids)):  # ascending: each special below shifts it up
+        token = token + (token >= int(s)).astype(rank.dtype)
+    return token
+
+
 def mask_tokens(
     rng: jax.Array,
     input_ids: jax.Array,
     attention_mask: jax.Array,
     *,
     special_ids: jax.Array,
-    replace_ids: jax.Array,
+    vocab_size: int,
     mask_id: int,
     mask_prob: float,
     mask_token_prob: float,
@@ -147,29 +184,38 @@ def mask_tokens(
 ) -> dict[str, jax.Array]:
     """Draw the targets and build the masked input (see the module docstring).
 
+    special_ids: the special ids, concrete (numpy; never targets, never random replacements).
     Returns masked_ids [B, L]; is_target [B, L] bool; positions [B, P] int32 (target positions
     first, P = num_predict); valid [B, P] bool (which slots are real targets);
-    targets [B, P] (the original ids at those positions)."""
+    targets [B, P] (the original ids at those positions).
+
+    No sort over the length and no gather or scatter: the targets are the P smallest of one
+    uniform draw per candidate (`lax.top_k`, which returns them in the order a stable argsort
+    would), and the reads and writes at the positions are one-hot selects.
+    """
     r_pick, r_kind, r_rand = jax.random.split(rng, 3)
     batch, length = input_ids.shape
-    candidate = (attention_mask == 1) & ~jnp.isin(input_ids, special_ids)
+    special_ids = np.unique(np.asarray(special_ids))
+    is_special = jnp.any(input_ids[..., None] == jnp.asarray(special_ids, input_ids.dtype), -1)
+    candidate = (attention_mask == 1) & ~is_special
     n_cand = candidate.sum(-1)
     n_target = jnp.round(mask_prob * n_cand).astype(jnp.int32)
     n_target = jnp.where(n_cand > 0, jnp.maximum(n_target, 1), 0)
     n_target = jnp.minimum(n_target, num_predict)
     score = jnp.where(candidate, jax.random.uniform(r_pick, (batch, length)), 2.0)
-    positions = jnp.argsort(score, axis=-1)[:, :num_predict].astype(jnp.int32)
+    positions = jax.lax.top_k(-score, num_predict)[1].astype(jnp.int32)
     valid = jnp.arange(num_predict)[None, :] < n_target[:, None]
-    rows = jnp.arange(batch)[:, None]
-    targets = jnp.take_along_axis(input_ids, positions, axis=1)
+    targets = take_positions(input_ids, positions)
     u = jax.random.uniform(r_kind, positions.shape)
     to_mask = u < mask_token_prob
     to_random = (u >= mask_token_prob) & (u < mask_token_prob + random_token_prob)
-    random_tokens = replace_ids[jax.random.randint(r_rand, positions.shape, 0, len(replace_ids))]
+    n_regular = vocab_size - special_ids.shape[0]
+    rank = jax.random.randint(r_rand, positions.shape, 0, n_regular)
+    random_tokens = nth_regular_id(rank, special_ids)
     new = jnp.where(to_mask, mask_id, jnp.where(to_random, random_tokens, targets))
     new = jnp.where(valid, new, targets).astype(input_ids.dtype)
-    masked_ids = input_ids.at[rows, positions].set(new)  # positions of a row are distinct
-    is_target = jnp.zeros((batch, length), bool).at[rows, positions].set(valid)
+    masked_ids = put_positions(input_ids, positions, new)
+    is_target = jnp.any(position_slots(positions, length) & valid[..., None], axis=1)
     return {
         "masked_ids": masked_ids,
         "is_target": is_target,
@@ -232,7 +278,7 @@ class FunnelGenerator(nn.Module):
             hidden, all_hidden[cfg.block_sizes[0]], attention_mask, token_type_ids, deterministic
         )
         if positions is not None:
-            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+            hidden = take_positions(hidden, positions)
         h = dense(cfg, self.d_embed, cfg.d_model, "lm_proj", axes=("mlp", "embed"), **kw)(hidden)
         h = ACTIVATIONS[cfg.hidden_act](h)
         h = LayerNorm(cfg.layer_norm_eps, name="lm_layer_norm", **kw)(h)
@@ -282,17 +328,15 @@ class _Objective:
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.num_predict = num_predictions(seq_len, objective.mask_prob)
-        keep = np.setdiff1d(np.arange(config.vocab_size), np.asarray(special.all, np.int64))
-        self._replace_ids = keep.astype(np.int32)
-        self._special_ids = np.asarray(special.all, np.int32)
+        self._special_ids = np.unique(np.asarray(special.all, np.int32))
 
     def mask(self, rng, batch):
         return mask_tokens(
             rng,
             jnp.asarray(batch["input_ids"]),
             jnp.asarray(batch["attention_mask"]),
-            special_ids=jnp.asarray(self._special_ids),
-            replace_ids=jnp.asarray(self._replace_ids),
+            special_ids=self._special_ids,
+            vocab_size=self.config.vocab_size,
             mask_id=self.special.mask,
             mask_prob=self.objective.mask_prob,
             mask_token_prob=self.objective.mask_token_prob,
@@ -303,11 +347,14 @@ class _Objective:
     def abstract_params(self):
         return jax.eval_shape(self.init, jax.random.PRNGKey(0))
 
-    @staticmethod
-    def _mlm_stats(logits, m) -> dict[str, jax.Array]:
+    def _mlm_stats(self, logits, m) -> dict[str, jax.Array]:
         valid = m["valid"]
         targets = m["targets"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        if self.config.one_hot_embeddings:  # gather-free, like the embedding lookup
+            one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+            ce = optax.softmax_cross_entropy(logits, one_hot)
+        else:
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         correct = jnp.argmax(logits, -1) == targets
         return {
             "mlm_loss_sum": jnp.sum(jnp.where(valid, ce, 0.0)),
@@ -380,8 +427,7 @@ class ElectraObjective(_Objective):
         stats = self._mlm_stats(gen_logits, m)
         samples = gumbel_sample(r_sample, gen_logits).astype(ids.dtype)
         samples = jnp.where(m["valid"], samples, m["targets"])
-        rows = jnp.arange(ids.shape[0])[:, None]
-        sampled_ids = ids.at[rows, m["positions"]].set(samples)
+        sampled_ids = put_positions(ids, m["positions"], samples)
         labels = ((sampled_ids != ids) & (am == 1)).astype(jnp.float32)
         disc_logits = self.discriminator.apply(
             {"params": disc_params},
@@ -443,7 +489,7 @@ class MlmObjective(_Objective):
             deterministic=deterministic,
             rngs=_dropout_rngs(rng, deterministic),
         ).last_hidden_state
-        hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+        hidden = take_positions(hidden, positions)
         # FunnelForMaskedLM's TiedLMHead (embeddings.attend + bias), on these positions.
         logits = self.word_embeddings.apply(
             {"params": params["funnel"]["embeddings"]["word_embeddings"]}, hidden, method="attend"

@@ -256,13 +256,23 @@ class Projection(nn.Module):
         return y, bias.astype(self.dtype)
 
 
-class FunnelRelMultiheadAttention(nn.Module):
-    """Relative multi-head attention with the token-type term, computed head-major.
+def score_einsum(spec: str, a: Array, b: Array) -> Array:
+    """An attention-score einsum accumulated and returned in float32 whatever the inputs'
+    dtype: bf16 products summed (or rounded) to bf16 before the softmax lose about three
+    significant digits of every score, which the softmax then exponentiates."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
-    The projections are plain matrix products giving [B, S, N, H]; the activations are then
-    moved heads first, even before the batch ([N, B, S, H]): the positional score is one matmul
-    per head with the batch folded into its rows ('NBSH,NRH->NBSR') and the relative shift is a
-    reshape of contiguous [S, R] blocks. The fused path takes [B, S, N, H] as it comes.
+
+class FunnelRelMultiheadAttention(nn.Module):
+    """Relative multi-head attention with the token-type term.
+
+    The projections are plain matrix products giving [B, S, N, H]. On the einsum path the
+    activations are then moved heads first, even before the batch ([N, B, S, H]): the
+    positional score is one matmul per head with the batch folded into its rows
+    ('NBSH,NRH->NBSR') and the relative shift is a reshape of contiguous [S, R] blocks. The
+    fused path keeps [B, S, N, H] as it comes and builds its score bias directly in the
+    [B, N, S, T] layout `jax.nn.dot_product_attention` takes, without transposing it.
+    Every score term is accumulated in float32 (`score_einsum`).
     """
 
     config: FunnelConfig
@@ -284,6 +294,14 @@ class FunnelRelMultiheadAttention(nn.Module):
         n, h, d = cfg.n_head, cfg.d_head, cfg.d_model
         scale = 1.0 / (h**0.5)
         dt, pdt = self.dtype, self.param_dtype
+        fused = cfg.attention_impl == "fused_bias" and not output_attentions
+        if fused and not deterministic and cfg.attention_dropout > 0.0:
+            raise ValueError(
+                "FunnelConfig.attention_impl='fused_bias' does not apply with attention "
+                "dropout: jax.nn.dot_product_attention has no dropout on the probabilities, "
+                f"and attention_dropout={cfg.attention_dropout} with deterministic=False asks "
+                "for it. Train with attention_dropout=0.0, or with attention_impl='einsum'."
+            )
         std = linear_std(cfg, d, n * h)
         proj = dict(
             contract=1, kernel_shape=(d, n, h), kernel_axes=("embed", "heads", "kv"), std=std
@@ -310,46 +328,54 @@ class FunnelRelMultiheadAttention(nn.Module):
             **kw,
         )(key_value)
         k_bsnh, v_bsnh = k + k_bias, v + v_bias
-        q, k, v = heads_first(q_bsnh), heads_first(k_bsnh), heads_first(v_bsnh)
         r_w_bias = param("r_w_bias", (n, h), ("heads", "kv"))
         r_r_bias = param("r_r_bias", (n, h), ("heads", "kv"))
         r_kernel = param("r_kernel", (d, n, h), ("embed", "heads", "kv"))
         r_s_bias = param("r_s_bias", (n, h), ("heads", "kv"))
         seg_embed = param("seg_embed", (2, n, h), ("segment", "heads", "kv"))
 
+        # The query in the layout the scores are built from: [B, S, N, H] for the fused call
+        # (scores [B, N, S, T]), [N, B, S, H] otherwise (scores [N, B, S, T]).
+        q_spec, lead = ("BSNH", "BN") if fused else ("NBSH", "NB")
+        q = q_bsnh if fused else heads_first(q_bsnh)
+
         def shifted(bias):  # q + bias * scale, bias [N, H]
-            return q + (bias * scale)[:, None, None, :]
+            bias = bias * scale
+            return q + (bias if fused else bias[:, None, None, :])
 
         context_len = key_value.shape[1]
-        positional = self._positional(inputs.position, shifted(r_r_bias), r_kernel, context_len)
+        positional = self._positional(
+            inputs.position, shifted(r_r_bias), r_kernel, context_len, q_spec, lead
+        )
         # Token type: seg_embed[1] for the same segment (or <cls>), seg_embed[0] otherwise.
-        tt_bias = jnp.einsum("NBSH,KNH->NBSK", shifted(r_s_bias), seg_embed)
-        token_type = jnp.where(
-            inputs.token_type_mat[None], tt_bias[..., 1:2], tt_bias[..., 0:1]
-        )  # NBST
-        bias = positional + token_type
+        tt_bias = score_einsum(f"{q_spec},KNH->{lead}SK", shifted(r_s_bias), seg_embed)
+        same_type = inputs.token_type_mat[:, None] if fused else inputs.token_type_mat[None]
+        token_type = jnp.where(same_type, tt_bias[..., 1:2], tt_bias[..., 0:1])
+        bias = positional + token_type  # float32
         if inputs.cls_mask is not None:
-            bias = bias * inputs.cls_mask.astype(dt)
-        mask = inputs.attention_mask.astype(jnp.float32)[None, :, None, :]
-        mask_bias = -structure.MASK_INF * (1.0 - mask)
+            bias = bias * inputs.cls_mask.astype(jnp.float32)
+        mask = inputs.attention_mask.astype(jnp.float32)
+        mask_bias = -structure.MASK_INF * (1.0 - mask)[:, None, None, :]  # [B, 1, 1, T]
+        if not fused:
+            mask_bias = mask_bias[None, :, 0]  # [1, B, 1, T]
 
-        fused = cfg.attention_impl == "fused_bias" and not output_attentions
-        if fused and (deterministic or cfg.attention_dropout == 0.0):
+        if fused:
             # softmax((q + r_w_bias) k^T + bias) v in one fused call (cuDNN on GPU).
             attn = jax.nn.dot_product_attention(
                 q_bsnh + r_w_bias * scale,
                 k_bsnh,
                 v_bsnh,
-                bias=(bias.astype(jnp.float32) + mask_bias).astype(dt).transpose(1, 0, 2, 3),
+                bias=(bias + mask_bias).astype(dt),
                 scale=1.0,
             )  # BSNH
             prob = None
         else:
-            content = jnp.einsum("NBSH,NBTH->NBST", shifted(r_w_bias), k)
-            score = (content + bias).astype(jnp.float32) + mask_bias
+            content = score_einsum("NBSH,NBTH->NBST", shifted(r_w_bias), heads_first(k_bsnh))
+            score = content + bias + mask_bias
             prob = checkpoint_name(jax.nn.softmax(score, axis=-1).astype(dt), "attention_probs")
             prob = nn.Dropout(cfg.attention_dropout)(prob, deterministic=deterministic)
-            attn = jnp.einsum("NBST,NBTH->NBSH", prob, v).transpose(1, 2, 0, 3)  # BSNH
+            attn = jnp.einsum("NBST,NBTH->NBSH", prob, heads_first(v_bsnh))
+            attn = attn.transpose(1, 2, 0, 3)  # BSNH
 
         out, out_bias = Projection(
             contract=2,
@@ -366,19 +392,27 @@ class FunnelRelMultiheadAttention(nn.Module):
         out = LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm")(residual)
         return out, (prob.transpose(1, 0, 2, 3) if output_attentions else None)  # BNST
 
-    def _positional(self, position, q_r: Array, r_kernel: Array, context_len: int) -> Array:
-        """Positional score [N, B, S, T]; q_r = scaled query + r_r_bias * scale, [N, B, S, H]."""
+    def _positional(self, position, q_r, r_kernel, context_len: int, q_spec: str, lead: str):
+        """Positional score, float32, [N, B, S, T] (lead 'NB') or [B, N, S, T] (lead 'BN');
+        q_r = scaled query + r_r_bias * scale in the layout `q_spec` ('NBSH' or 'BSNH')."""
         dt = self.dtype
         if self.config.attention_type == "factorized":
             phi, pi, psi, omega = (p.astype(dt) for p in position)
-            q_r_att = jnp.einsum("NBSH,DNH->NBSD", q_r, r_kernel)
-            return jnp.einsum("NBSD,TD->NBST", q_r_att * phi, psi) + jnp.einsum(
-                "NBSD,TD->NBST", q_r_att * pi, omega
+            # Per-head query features [*lead, S, D] (a projection, kept in the compute dtype);
+            # the two score products over D accumulate in float32.
+            q_r_att = jnp.einsum(f"{q_spec},DNH->{lead}SD", q_r, r_kernel)
+            return score_einsum(f"{lead}SD,TD->{lead}ST", q_r_att * phi, psi) + score_einsum(
+                f"{lead}SD,TD->{lead}ST", q_r_att * pi, omega
             )
         (r,) = position
-        shift = 2 if q_r.shape[2] != context_len else 1
-        r_head = matmul_last(r.astype(dt), r_kernel, 1).transpose(1, 0, 2)  # NRH, no batch
-        scores = jnp.einsum("NBSH,NRH->NBSR", q_r, r_head)  # batch folded into the rows
+        shift = 2 if q_r.shape[2 if lead == "NB" else 1] != context_len else 1
+        r_head = matmul_last(r.astype(dt), r_kernel, 1)  # RNH, no batch
+        if lead == "NB":  # batch folded into the rows of one matmul per head
+            scores = score_einsum("NBSH,NRH->NBSR", q_r, r_head.transpose(1, 0, 2))
+        else:  # r broadcast over the batch so that (B, N) are the product's batch dims: the
+            # scores come out [B, N, S, R] with no transpose (r is far smaller than them)
+            r_b = jnp.broadcast_to(r_head, (q_r.shape[0], *r_head.shape))
+            scores = score_einsum("BSNH,BRNH->BNSR", q_r, r_b)
         return relative_shift(scores, context_len, shift)
 
 

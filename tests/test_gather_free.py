@@ -54,3 +54,29 @@ def test_default_embedding_lookup_is_a_gather():
     ids = jnp.ones((2, 16), jnp.int32)
     hlo = jax.jit(lambda p: module.apply({"params": p}, ids).last_hidden_state).lower(params)
     assert "gather" in _hlo_ops(hlo.compile().as_text())
+
+
+def test_factorized_one_hot_electra_train_step_has_no_gather():
+    """The whole ELECTRA pretraining step (masking, generator, sampling, discriminator,
+    AdamW) of the project's train loop, not only the model: no gather, scatter or dynamic
+    slice in the compiled program."""
+    from funnel_jax import electra, optim, train_state
+    from funnel_jax.data import SpecialIds
+
+    config = _config(attention_type="factorized", one_hot_embeddings=True, d_model=32, n_head=4)
+    special = SpecialIds(cls=2, sep=3, pad=0, mask=4, all=(0, 1, 2, 3, 4), vocab_size=64)
+    objective = electra.make_objective(config, electra.ObjectiveConfig(), special, seq_len=16)
+    tx = optim.make_optimizer(optim.OptimizerConfig(weight_decay=0.01, total_steps=10))
+    step = train_state.make_train_step(objective.loss, tx)
+    state = train_state.TrainState.create(objective.init(jax.random.PRNGKey(0)), tx, 0)
+    ids = jnp.full((2, 16), 7, jnp.int32).at[:, 0].set(2)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "token_type_ids": ids * 0}
+    hlo = jax.jit(step).lower(state, batch).compile().as_text()
+    assert not _hlo_ops(hlo), f"ELECTRA train step contains {_hlo_ops(hlo)}"
+    # The check can fail: with the table lookup the same step gathers.
+    plain = electra.make_objective(
+        config.replace(one_hot_embeddings=False), electra.ObjectiveConfig(), special, seq_len=16
+    )
+    step = train_state.make_train_step(plain.loss, tx)
+    hlo = jax.jit(step).lower(state, batch).compile().as_text()
+    assert "gather" in _hlo_ops(hlo)
