@@ -62,6 +62,7 @@ __all__ = [
     "prepare_corpus",
     "read_manifest",
     "tokenizer_sha256",
+    "write_corpus_file",
 ]
 
 
@@ -126,6 +127,22 @@ def decode_records(
         "attention_mask": inside.astype(np.int32),
         "random_next": random_next,
     }
+
+
+def write_corpus_file(documents: Sequence[str], path: str | os.PathLike) -> Path:
+    """Write in-memory documents (e.g. `data.stdlib_corpus()`) as a text corpus file that
+    `data.iter_documents` reads back as the same documents: lines stripped, blank lines dropped
+    inside a document, one blank line between documents. Written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for doc in documents:
+            lines = [ln.strip() for ln in doc.splitlines() if ln.strip()]
+            if lines:
+                f.write("\n".join(lines) + "\n\n")
+    os.replace(tmp, path)
+    return path
 
 
 # --------------------------------------------------------------------------- manifest

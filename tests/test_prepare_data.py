@@ -372,3 +372,12 @@ def test_slices_and_merge(tmp_path, small_tok, stdlib_docs):
         merge_prepared([parts[0], tmp_path / "other"], tmp_path / "bad")
     with pytest.raises(PrepareError, match="slice 2 of 2"):
         prepare_corpus(files, tmp_path / "x", slice_index=2, slice_count=2, **kw)
+
+
+def test_write_corpus_file_round_trips(tmp_path, stdlib_docs):
+    from funnel_jax.prepare import write_corpus_file
+
+    docs = [*stdlib_docs[:50], "  two  \n\n  blank-separated lines  ", "   "]
+    path = write_corpus_file(docs, tmp_path / "sub" / "c.txt")
+    want = ["\n".join(ln.strip() for ln in d.splitlines() if ln.strip()) for d in docs]
+    assert [d.text for d in data.iter_documents(path)] == [w for w in want if w]
