@@ -15,6 +15,7 @@ import http.server
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -181,6 +182,15 @@ def test_pytorch_bin_only_repository_loads_without_torch_in_funnel_jax(offline):
     assert type(module).__name__ == "FunnelForPreTraining"
     err = max_abs(_outputs(module, params, INPUTS), _reference(offline["models"]["bin"], INPUTS))
     assert err < ATOL, err
+    # And in a fresh process, loading it imports neither torch nor transformers.
+    code = (
+        "import sys, funnel_jax as fj; fj.from_pretrained('ORG/tiny-bin'); "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad; print('no torch')"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and "no torch" in run.stdout, run.stderr[-2000:]
 
 
 def test_sharded_safetensors_followed_through_the_index(offline):
