@@ -20,7 +20,9 @@ another number of processes continues with the same examples. `shuffle=False` re
 in order (the eval split).
 
 Prefetch: the batches are read and decoded ahead by grain (`num_threads` threads over a buffer
-of `prefetch` batches; `worker_count > 0` adds that many worker processes).
+of `prefetch` batches). The reading releases the GIL (ArrayRecord's C++ reader, numpy); grain's
+multiprocess prefetch (`mp_prefetch`) is not offered: it needs absl flags parsed, which the
+training entry points do not do.
 """
 
 from __future__ import annotations
@@ -189,7 +191,6 @@ class PreparedBatches:
         vocab_size: int | None = None,
         num_threads: int = 2,
         prefetch: int = 4,
-        worker_count: int = 0,
     ):
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
@@ -253,7 +254,7 @@ class PreparedBatches:
             pad_id=int(self.manifest["tokenizer"]["pad_id"]),
             perm=FeistelPermutation(self.num_records, self.seed) if self.shuffle else None,
         )
-        self.num_threads, self.prefetch, self.worker_count = num_threads, prefetch, worker_count
+        self.num_threads, self.prefetch = num_threads, prefetch
         self._step = 0
         self._iter = None
 
@@ -267,10 +268,7 @@ class PreparedBatches:
 
         ds = grain.MapDataset.range(self._step, 2**62).map(self._read)
         opts = grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch)
-        it_ds = ds.to_iter_dataset(opts)
-        if self.worker_count > 0:
-            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
-        self._iter = iter(it_ds)
+        self._iter = iter(ds.to_iter_dataset(opts))
 
     def __iter__(self):
         return self
