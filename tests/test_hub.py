@@ -401,3 +401,39 @@ def test_save_pretrained_writes_what_transformers_loads(offline, tmp_path):
     assert err < ATOL, err
     with pytest.raises(NotImplementedError, match="upload_folder"):
         fj.save_pretrained(module, params, tmp_path / "out2", push_to_hub=True)
+
+
+# --- pytorch_model.bin without torch -------------------------------------------------------
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_torch_bin_reader_matches_torch(tmp_path, legacy):
+    from funnel_jax.torch_bin import TorchBinError, read_torch_bin
+
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "dense": torch.randn(3, 4, generator=g),
+        "transposed": torch.randn(4, 3, generator=g).t(),  # strides (1, 3)
+        "slice": torch.randn(8, generator=g)[2:7],  # storage offset 2
+        "scalar": torch.tensor(1.5),
+        "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "half": torch.randn(5, generator=g).half(),
+        "bf16": torch.randn(2, 2, generator=g).bfloat16(),
+        "mask": torch.tensor([True, False]),
+    }
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    got = read_torch_bin(path)
+    assert list(got) == list(state)
+    for key, ref in state.items():
+        want = ref.float().numpy() if ref.dtype == torch.bfloat16 else ref.numpy()
+        have = got[key].astype(np.float32) if ref.dtype == torch.bfloat16 else got[key]
+        assert have.dtype == want.dtype and have.shape == want.shape, key
+        np.testing.assert_array_equal(have, want, err_msg=key)
+
+    torch.save({"layer": torch.nn.Linear(2, 2)}, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(TorchBinError, match=r"torch\.nn\.modules\.linear\.Linear is not part"):
+        read_torch_bin(path)
+    path.write_bytes(b"not a torch file" * 4)
+    with pytest.raises(TorchBinError, match="pytorch_model.bin: cannot read PyTorch file"):
+        read_torch_bin(path)
