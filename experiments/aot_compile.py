@@ -88,7 +88,8 @@ def load_model_config(name: str, overrides: list[str], remat_policy: str | None)
 def format_report(r: dict) -> str:
     h, m = r["hlo"], r["memory"]
     lines = [
-        f"[{r['program']}] lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
+        f"[{r['program']}] lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s wall "
+        f"(CPU time {r['lower_cpu_s']:.1f} s + {r['compile_cpu_s']:.1f} s, all threads)",
         f"  kernels {h['kernels']} (fusions {h['fusions']}, cuBLAS {h['cublas_gemms']}, "
         f"cuDNN {h['cudnn_calls']}, Triton GEMMs {h['triton_gemms']}), while loops "
         f"{h['while_loops']}, instructions {h['instructions']}",
