@@ -1,43 +1,8 @@
-"""Small helpers shared by the entry points (standard library only, so importing them does not
-start JAX before `funnel_jax.runtime.use_jemalloc` has had its chance to re-execute)."""
+"""Helpers shared by the entry points; they live in funnel_jax.training.files (the library)."""
 
-from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
-
-
-class ConfigError(ValueError):
-    """A settings file, preset or command-line setting that cannot be used."""
-
-
-def load_json_object(path: str | os.PathLike) -> dict:
-    """A JSON object from `path`; ConfigError naming the file and line if it is not one."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write `obj` as indented JSON through a temporary file renamed onto `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def save_tokenizer_atomic(tokenizer, tok_dir: str | os.PathLike) -> None:
-    """tokenizer.save_pretrained into a hidden temporary sibling renamed onto `tok_dir` when
-    complete (a kill leaves the old directory or none, never a partial one)."""
-    from funnel_jax.checkpoint import atomic_directory
-
-    with atomic_directory(tok_dir, overwrite=True) as tmp:
-        tokenizer.save_pretrained(tmp)
+from funnel_jax.training.files import (  # noqa: F401 (re-exported for the commands and tests)
+    ConfigError,
+    load_json_object,
+    save_tokenizer_atomic,
+    write_json_atomic,
+)

@@ -1,5 +1,6 @@
 """funnel-jax: the Funnel Transformer in JAX/Flax, equal to the transformers reference."""
 
+from funnel_jax import training
 from funnel_jax.config import FunnelConfig
 from funnel_jax.models import (
     MODEL_CLASSES,
@@ -14,6 +15,7 @@ from funnel_jax.models import (
     abstract_params,
     init_params,
 )
+from funnel_jax.training import finetune, pretrain
 from funnel_jax.weights import from_pretrained, save_pretrained
 
 __all__ = [
@@ -28,9 +30,12 @@ __all__ = [
     "FunnelForTokenClassification",
     "FunnelModel",
     "abstract_params",
+    "finetune",
     "from_pretrained",
     "init_params",
+    "pretrain",
     "save_pretrained",
+    "training",
 ]
 
 try:  # the tokenizer lands in its own module

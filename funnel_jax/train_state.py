@@ -76,6 +76,19 @@ def _split_micro_batches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
+def schedule_count(opt_state, default):
+    """The learning-rate schedule's own update count in `opt_state` (optax's
+    ScaleByScheduleState.count, which a skipped step does not advance), else `default`."""
+    found = [
+        x.count
+        for x in jax.tree.leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
+        )
+        if isinstance(x, optax.ScaleByScheduleState)
+    ]
+    return found[0] if found else default
+
+
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -87,7 +100,8 @@ def make_train_step(
     """A pure `train_step(state, batch) -> (state, metrics)`; jit it with `jit_train_step`.
 
     metrics: the loss_fn's metrics (averaged over micro-batches) plus `loss`, `grad_norm`
-    (before clipping), `skipped` (0/1) and, given learning_rate_fn, `learning_rate`.
+    (before clipping), `skipped` (0/1) and, given learning_rate_fn, `learning_rate` (the rate
+    of this update, from the schedule's count in the optimizer state).
     """
     if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
@@ -133,8 +147,8 @@ def make_train_step(
         metrics["loss"] = loss
         metrics["grad_norm"] = grad_norm
         metrics["skipped"] = (~ok).astype(jnp.int32)
-        if learning_rate_fn is not None:
-            metrics["learning_rate"] = learning_rate_fn(state.step)
+        if learning_rate_fn is not None:  # the rate this update used (not after a skip)
+            metrics["learning_rate"] = learning_rate_fn(schedule_count(state.opt_state, state.step))
         new_state = state.replace(
             step=state.step + 1, params=new_params, opt_state=new_opt_state, rng=rng
         )

@@ -11,8 +11,8 @@ Every failure raises a `RunError` subclass whose message names what is wrong and
 
 The checks already done elsewhere (corpus files: funnel_jax.data.CorpusError; token ids:
 data.validate_token_ids; model vs. tokenizer vocabulary and sequence length:
-experiments.pretrain.resolve_settings; checkpoint tree: checkpoint.CheckpointMismatchError)
-are not repeated here.
+funnel_jax.training.pretraining.resolve_settings; checkpoint tree:
+checkpoint.CheckpointMismatchError) are not repeated here.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def check_pretrain_settings(cfg: Mapping) -> None:
     """Contradictions between sections of a pretraining run config (the per-field checks are
-    in experiments.pretrain._check_config)."""
+    in funnel_jax.training.pretraining.check_pretrain_config)."""
     train, opt = cfg["train"], cfg.get("optimizer", {})
     limit = train.get("max_consecutive_skips", 10)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:

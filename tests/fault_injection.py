@@ -9,6 +9,11 @@ the middle of the Orbax write (the step's `<step>.orbax-checkpoint-tmp-*` direct
 `state` item is written, `extra` is not, nothing is finalised) after writing the step number
 into the marker file, so that the test can SIGKILL the process at that exact moment. Without
 the variables this is `python -m experiments.pretrain`.
+
+    FUNNEL_TEST_ASYNC_HOLD_STEP=N FUNNEL_TEST_SAVE_MARKER=... FUNNEL_TEST_SAVE_SLEEP=60 ...
+
+instead holds the write of the `extra` item of the first save of a step >= N inside Orbax's
+commit (the background thread of an async save, so the training steps go on meanwhile).
 """
 
 from __future__ import annotations
@@ -21,7 +26,39 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _install_async_hold() -> None:
+    first = os.environ.get("FUNNEL_TEST_ASYNC_HOLD_STEP")
+    if first is None:
+        return
+    import orbax.checkpoint as ocp
+
+    from funnel_jax import checkpoint
+
+    marker = Path(os.environ["FUNNEL_TEST_SAVE_MARKER"])
+    pause = float(os.environ.get("FUNNEL_TEST_SAVE_SLEEP", "30"))
+    current = {"step": None, "done": False}
+    save = checkpoint.TrainCheckpointer.save
+
+    def tracked_save(self, step, *args, **kwargs):
+        current["step"] = int(step)
+        return save(self, step, *args, **kwargs)
+
+    save_fn = ocp.JsonCheckpointHandler._save_fn
+
+    async def held_save_fn(self, x, directory):
+        step = current["step"]
+        if not current["done"] and step is not None and step >= int(first):
+            current["done"] = True
+            marker.write_text(f"{step} {directory}\n")
+            time.sleep(pause)  # blocks the commit thread only
+        return await save_fn(self, x, directory)
+
+    checkpoint.TrainCheckpointer.save = tracked_save
+    ocp.JsonCheckpointHandler._save_fn = held_save_fn
+
+
 def _install_hook() -> None:
+    _install_async_hold()
     first = os.environ.get("FUNNEL_TEST_SAVE_STEP")
     if first is None:
         return

@@ -147,7 +147,38 @@ def finetune_on_mesh():
             "--learning-rate", "1e-3", "--batch-size", "16", "--no-progress", "--seed", "0",
             "--mesh", "data=2,fsdp=2,tensor=2",
         ]  # fmt: skip
-        return finetune.run(argv)
+        from funnel_jax.training import finetuning
+
+        created = {}
+        create_state = finetuning._create_state
+
+        def recording_create_state(*a, **k):
+            state, state_sh, put = create_state(*a, **k)
+            created["state"] = state
+            return state, state_sh, put
+
+        finetuning._create_state = recording_create_state
+        try:
+            result = finetune.run(argv)
+        finally:
+            finetuning._create_state = create_state
+        state = created["state"]  # the TrainState as created, before any step
+        emb = state.params["funnel"]["embeddings"]["word_embeddings"]["embedding"]
+        mu = [
+            x
+            for p, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+            if "word_embeddings" in jax.tree_util.keystr(p) and x.shape == emb.shape
+        ]
+        return {
+            **result,
+            "created_embedding_spec": str(emb.sharding.spec),
+            "created_embedding_shape": list(emb.shape),
+            "created_embedding_shard_shape": list(emb.addressable_shards[0].data.shape),
+            "created_opt_state_embedding_specs": sorted({str(x.sharding.spec) for x in mu}),
+            "created_devices_per_leaf": sorted(
+                {len(x.sharding.device_set) for x in jax.tree.leaves(state)}
+            ),
+        }
 
 
 def restore_elsewhere(saved_state, module, init):

@@ -300,7 +300,8 @@ def test_finetune_stop_request_during_start_up(inputs, tmp_path, monkeypatch):
 
 
 # The tiny settings, corpus and tokenizer of tests/test_reliability.py (its fixture, under this
-# name here): the same compiled steps serve both files (experiments.pretrain._build caches them).
+# name here): the same compiled steps serve both files (funnel_jax.training.pretraining._build
+# caches them).
 pretrain_inputs = test_reliability.inputs
 
 

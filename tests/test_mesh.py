@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from jax.sharding import PartitionSpec as P
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,3 +65,16 @@ def test_checkpoint_saved_on_8_devices_restores_on_another_mesh(report, where, d
 def test_finetuning_runs_and_learns_on_a_mixed_mesh(report):
     """experiments.finetune --mesh data=2,fsdp=2,tensor=2: a keyword task, chance 0.5."""
     assert report["finetune"]["accuracy"] >= 0.85, report["finetune"]
+
+
+def test_finetuning_state_is_created_sharded(report):
+    """The fine-tuning TrainState as created (before any step) is already laid out by the
+    rules on the 8 devices: the embedding [vocab, embed] split over tensor x fsdp, Adam's
+    moments like it, every leaf (scalars replicated) spread over all 8 devices."""
+    r = report["finetune"]
+    spec = str(P("tensor", "fsdp"))
+    assert r["created_embedding_spec"] == spec, r
+    assert r["created_opt_state_embedding_specs"] == [spec], r
+    vocab, d_model = r["created_embedding_shape"]
+    assert r["created_embedding_shard_shape"] == [vocab // 2, d_model // 2], r
+    assert r["created_devices_per_leaf"] == [8], r

@@ -691,8 +691,8 @@ def test_presets_load_and_cite_their_source(name):
     raw = json.loads(Path(path).read_text())
     assert "_source" in raw and len(raw["_source"]) > 40
     cfg = pretrain.load_run_config(pretrain.parse_args(["--config", name]))
-    FunnelConfig.from_dict({**cfg["model"], "vocab_size": 30522})
+    FunnelConfig.from_dict({**cfg.model, "vocab_size": 30522})
     if name != "tiny":
-        assert cfg["data"]["seq_len"] == 512 and cfg["data"]["batch_size"] == 256
-        assert cfg["optimizer"]["b2"] == 0.99 and cfg["optimizer"]["eps"] == 1e-6
-        assert cfg["train"]["steps"] == 1_000_000
+        assert cfg.data.seq_len == 512 and cfg.data.batch_size == 256
+        assert cfg.optimizer["b2"] == 0.99 and cfg.optimizer["eps"] == 1e-6
+        assert cfg.train.steps == 1_000_000

@@ -181,10 +181,11 @@ def test_sigkill_and_sigterm_at_random_moments_resume_bit_identically(inputs, tm
     assert ref.returncode == 0, ref.stdout + ref.stderr
     args = _args(inputs, split, *steps)
 
-    # 1. SIGKILL at a random step after the first checkpoint (step 5).
+    # 1. SIGKILL at a random step after the first checkpoint (step 5) is complete (saves are
+    # async: the steps after 5 run while it is written; Orbax renames it to "5" when complete).
     k1 = rng.randint(6, 9)
     proc, t0 = _start(args, log), time.time()
-    wait_for(proc, lambda: _last_step(split, t0) >= k1, log)
+    wait_for(proc, lambda: _last_step(split, t0) >= k1 and (split / "checkpoints/5").is_dir(), log)
     time.sleep(rng.uniform(0.0, 0.2))
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
@@ -325,7 +326,9 @@ def test_consecutive_non_finite_steps_stop_the_run(inputs, tmp_path, monkeypatch
 
         return make_train_step(poisoned_loss, tx, **kw)
 
-    build = pretrain._build.__wrapped__  # not the cached one: a fresh, poisoned step
+    from funnel_jax.training import pretraining as pretrain_lib
+
+    build = pretrain_lib._build.__wrapped__  # not the cached one: a fresh, poisoned step
 
     def poisoned_build(*a):
         out = list(build(*a))
@@ -339,7 +342,7 @@ def test_consecutive_non_finite_steps_stop_the_run(inputs, tmp_path, monkeypatch
         return tuple(out)
 
     monkeypatch.setattr(ts, "make_train_step", poisoned_make_train_step)
-    monkeypatch.setattr(pretrain, "_build", poisoned_build)
+    monkeypatch.setattr(pretrain_lib, "_build", poisoned_build)
     out = tmp_path / "run"
     args = _args(
         inputs,
