@@ -64,6 +64,13 @@ def _tree_where(cond, new, old):
 
 
 def _split_micro_batches(batch, k: int):
+    """[B, ...] -> [k, B / k, ...] with micro-batch i = rows i, i + k, i + 2k, ... (strided).
+
+    A batch sharded over data x fsdp holds contiguous blocks of rows per shard; a strided split
+    gives every micro-batch B / (k * shards) rows of every block, so the split needs no rows
+    moved across shards (a contiguous split would put micro-batch 0 on the first shards only).
+    """
+
     def split(x):
         x = jnp.asarray(x)
         if x.ndim == 0 or x.shape[0] % k:
@@ -71,7 +78,7 @@ def _split_micro_batches(batch, k: int):
                 f"gradient accumulation over {k} micro-batches needs every batch array's leading "
                 f"dimension to be a multiple of {k}; got shape {x.shape}"
             )
-        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
     return jax.tree.map(split, batch)
 

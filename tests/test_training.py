@@ -121,6 +121,18 @@ def test_logged_learning_rate_is_the_optimizers_own_after_a_skipped_step():
     assert logged == [(0.0, 0), (0.25, 1), (0.25, 0), (0.5, 0)]
 
 
+def test_micro_batches_take_rows_from_every_batch_shard():
+    """Gradient accumulation over k=2 micro-batches of a batch of 16 rows split in 4 shards of
+    4 contiguous rows (data x fsdp): each micro-batch holds 2 rows of every shard."""
+    from funnel_jax.train_state import _split_micro_batches
+
+    micro = np.asarray(_split_micro_batches({"x": np.arange(16)}, 2)["x"])
+    assert micro.shape == (2, 8)
+    assert sorted(micro.ravel().tolist()) == list(range(16))  # every row once
+    for rows in micro:
+        assert sorted(np.bincount(rows // 4, minlength=4).tolist()) == [2, 2, 2, 2], micro
+
+
 # --------------------------------------------------------------------------- mesh
 
 
