@@ -32,6 +32,10 @@ if missing:
 print(" ".join(pins))
 EOF
 )
+# MINVER_OVERRIDE="flax==0.10.0 ..." tries other versions in place of the pyproject ones.
+for o in ${MINVER_OVERRIDE:-}; do
+  PINS=$(echo " $PINS " | sed -E "s/ ${o%%==*}==[^ ]+ / $o /")
+done
 echo "pins: $PINS"
 
 # A copy of the working tree's files (tracked + untracked, not ignored): no .venv, no build dirs.
@@ -39,6 +43,9 @@ SRC="$WORK/src"
 rm -rf "$SRC" && mkdir -p "$SRC"
 (cd "$REPO" && git ls-files -co --exclude-standard -z | xargs -0 tar -cf - 2>/dev/null) \
   | tar -xf - -C "$SRC"
+for o in ${MINVER_OVERRIDE:-}; do  # the copy's lower bound follows an override
+  sed -i -E "s/\"${o%%==*}>=[^\"]+\"/\"${o%%==*}>=${o##*==}\"/" "$SRC/pyproject.toml"
+done
 
 "$PYTHON" -m venv "$WORK/venv"
 # shellcheck disable=SC1091
