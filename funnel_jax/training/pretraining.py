@@ -145,10 +145,16 @@ def get_tokenizer(cfg: PretrainConfig, out_dir: Path, documents_fn):
     from funnel_jax.tokenizer import FunnelTokenizer
 
     tok_dir = out_dir / "tokenizer"
-    if cfg.tokenizer:
-        src = Path(cfg.tokenizer)
+    if cfg.tokenizer or cfg.data_dir:
+        if cfg.data_dir:  # the tokenizer the prepared examples were made with
+            from funnel_jax import loader
+
+            src = loader.tokenizer_dir(cfg.data_dir)
+        else:
+            src = Path(cfg.tokenizer)
         if not src.is_dir():
-            raise FileNotFoundError(f"--tokenizer directory not found: {src}")
+            flag = f"--data {cfg.data_dir}: the tokenizer" if cfg.data_dir else "--tokenizer"
+            raise FileNotFoundError(f"{flag} directory not found: {src}")
         tok = FunnelTokenizer.from_pretrained(src)
         if not (tok_dir / "tokenizer.json").is_file() and _is_main():
             save_tokenizer_atomic(tok, tok_dir)
@@ -354,7 +360,8 @@ def pretrain(
 def _absolute_inputs(cfg: PretrainConfig) -> PretrainConfig:
     corpus = None if cfg.corpus is None else tuple(str(Path(p).absolute()) for p in cfg.corpus)
     tok = None if cfg.tokenizer is None else str(Path(cfg.tokenizer).absolute())
-    return cfg.replace(corpus=corpus, tokenizer=tok)
+    data_dir = None if cfg.data_dir is None else str(Path(cfg.data_dir).absolute())
+    return cfg.replace(corpus=corpus, tokenizer=tok, data_dir=data_dir)
 
 
 def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dict:
@@ -435,11 +442,11 @@ def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dic
 
     if is_main:  # unfinished checkpoint / export dirs of a killed run (never read anyway)
         preemption.remove_leftovers(out_dir)
-    ckpt = TrainCheckpointer(
-        out_dir / "checkpoints",
-        keep=cfg.train.keep_checkpoints,
-        async_save=cfg.train.async_checkpointing,
-    )
+    # Async saves on one process only: a two-process run with them hung in its first save
+    # (tests/test_multihost.py); several processes save synchronously until that is understood.
+    async_save = cfg.train.async_checkpointing and pc == 1
+    ckpt = TrainCheckpointer(out_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
+                             async_save=async_save)  # fmt: skip
     start_step = ckpt.latest_step()
 
     def stopped_before_training(at: int) -> dict:
@@ -519,7 +526,7 @@ def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dic
         with validation.checkpoint_write(ckpt.directory, step, good):
             ckpt.save(step, st, extra={"data": data_position, "step": step})
         in_flight.update(step=step, good=good)
-        if not cfg.train.async_checkpointing:
+        if not async_save:
             finish_save()
 
     def on_log(ctx, rows, tokens_per_s) -> dict:
