@@ -12,7 +12,9 @@ parsed as JSON, else taken as a string), and the common ones with their own flag
 
 Without --corpus the text is the embedded standard-library corpus (funnel_jax.data); a WordPiece
 vocabulary is trained on it (data.vocab_size) and cached in OUTPUT_DIR/tokenizer unless
---tokenizer names an existing one. Everything lands in --output-dir:
+--tokenizer names an existing one. `--data DIR` trains on a directory prepared by
+`python -m experiments.prepare_data` instead (its shards through funnel_jax.loader, its
+tokenizer; data.seq_len must be the one it was prepared with). Everything lands in --output-dir:
 
     run_config.json   the resolved settings (a restart must match them)
     tokenizer/        the tokenizer files
@@ -65,6 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "field; default: the embedded standard-library corpus",
     )
     p.add_argument("--tokenizer", default=None, help="use this tokenizer directory (no training)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="a directory prepared by experiments.prepare_data: train on its shards with its "
+        "tokenizer (no --corpus / --tokenizer)",
+    )
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
     p.add_argument("--steps", type=int, default=None, help="train.steps")
     p.add_argument("--batch-size", type=int, default=None, help="data.batch_size (global)")
@@ -110,6 +119,7 @@ def load_run_config(args: argparse.Namespace):
     return cfg.replace(
         corpus=tuple(str(Path(p).absolute()) for p in args.corpus) if args.corpus else None,
         tokenizer=str(Path(args.tokenizer).absolute()) if args.tokenizer else None,
+        data_dir=str(Path(args.data).absolute()) if args.data else None,
         mesh=args.mesh,
     )
 

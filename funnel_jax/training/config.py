@@ -159,6 +159,8 @@ class PretrainConfig:
     train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     corpus: tuple[str, ...] | None = None  # files / dirs; None: the embedded stdlib corpus
     tokenizer: str | None = None  # an existing tokenizer directory; None: train one
+    # A prepared directory (experiments.prepare_data): its shards, its tokenizer; no corpus.
+    data_dir: str | None = None
     # Device mesh ("data=2,fsdp=2,tensor=2"); None: data parallel over several devices.
     mesh: str | None = restart_field(None)
     config_file: str | None = restart_field(None)  # where the settings came from
@@ -178,6 +180,7 @@ class PretrainConfig:
             train=_from_section(LoopConfig, d.get("train"), "train"),
             corpus=None if corpus is None else tuple(str(p) for p in corpus),
             tokenizer=d.get("tokenizer"),
+            data_dir=d.get("data_dir"),
             mesh=d.get("mesh"),
             config_file=d.get("config_file", d.get("_config_file")),
         )
@@ -189,6 +192,8 @@ class PretrainConfig:
         out["train"] = dataclasses.asdict(self.train)
         out["corpus"] = None if self.corpus is None else list(self.corpus)
         out["tokenizer"] = self.tokenizer
+        if self.data_dir is not None:  # absent otherwise: older run dirs still resume
+            out["data_dir"] = self.data_dir
         out["mesh"] = self.mesh
         out["_config_file"] = self.config_file
         return out
@@ -199,6 +204,12 @@ class PretrainConfig:
     def check(self) -> None:
         self.data.check()
         self.train.check()
+        if self.data_dir is not None and (self.corpus or self.tokenizer):
+            given = "--corpus" if self.corpus else "--tokenizer"
+            raise ConfigError(
+                f"--data {self.data_dir} holds the examples and their tokenizer; {given} cannot "
+                "be given with it"
+            )
 
 
 def pretrain_restart_may_change() -> set[str]:

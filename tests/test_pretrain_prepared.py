@@ -1,0 +1,143 @@
+"""`python -m experiments.pretrain --data DIR`: pretraining from a directory prepared by
+funnel_jax.prepare (its shards through funnel_jax.loader, its tokenizer): a stop and resume ends
+bit-identical to an uninterrupted run; settings the data contradicts are refused, naming both
+values; a restart on other data is refused."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import pretrain
+from funnel_jax import data
+from funnel_jax.config import FunnelConfig
+from funnel_jax.prepare import prepare_corpus, read_manifest
+from funnel_jax.training.pretraining import load_pretrain_config
+
+SEQ_LEN = 32
+MODEL_SET = [
+    "model.block_sizes=[1,1]",
+    "model.num_decoder_layers=1",
+    "model.d_model=32",
+    "model.n_head=4",
+    "model.d_head=8",
+    "model.d_inner=64",
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A ~150 kB real-English corpus prepared for the tiny model below (seq_len 32, its
+    truncate stride, a 1000-token vocabulary trained by the preparation)."""
+    root = tmp_path_factory.mktemp("pretrain_prepared")
+    docs, total = [], 0
+    for d in data.stdlib_corpus():
+        docs.append(d)
+        total += len(d)
+        if total > 150_000:
+            break
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    model = load_pretrain_config("tiny", MODEL_SET).model
+    stride = data.truncation_stride(FunnelConfig.from_dict({**model, "vocab_size": 1000}))
+    out = root / "prepared"
+    prepare_corpus(
+        [corpus],
+        out,
+        seq_len=SEQ_LEN,
+        vocab_size=1000,
+        workers=0,
+        num_shards=2,
+        truncate_stride=stride,
+        eval_fraction=0.1,
+        chunk_chars=1 << 15,
+        progress=False,
+    )
+    return out
+
+
+def _args(data_dir, out_dir, *extra, seq_len=SEQ_LEN):
+    return [
+        "--config",
+        "tiny",
+        "--data",
+        str(data_dir),
+        "--output-dir",
+        str(out_dir),
+        "--seq-len",
+        str(seq_len),
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--compile-cache",
+        "",
+        "--set",
+        *MODEL_SET,
+        "data.eval_batches=2",
+        "train.log_every=1",
+        "optimizer.total_steps=100",
+        "optimizer.warmup_steps=10",
+        *extra,
+    ]
+
+
+def test_data_dir_run_resumes_bit_identically(prepared, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    summary = pretrain.run(_args(prepared, full, "--steps", "6", "--save-every", "100"))
+    assert summary["steps"] == 6 and summary["resumed_from"] is None
+    stopped = pretrain.run(
+        _args(prepared, split, "--steps", "6", "--save-every", "100", "--stop-after", "3")
+    )
+    assert stopped["stopped_at"] == 3
+    _, extra_3 = pretrain.restore_state(split)
+    assert extra_3["data"]["step"] == 3
+    resumed = pretrain.run(_args(prepared, split, "--steps", "6", "--save-every", "100"))
+    assert resumed["resumed_from"] == 3
+
+    # The run read the prepared directory: its tokenizer, its train split.
+    manifest = read_manifest(prepared)
+    for run_dir in (full, split):
+        assert (run_dir / "tokenizer" / "vocab.txt").read_bytes() == (
+            prepared / "tokenizer" / "vocab.txt"
+        ).read_bytes()
+    a, extra_a = pretrain.restore_state(full)
+    b, extra_b = pretrain.restore_state(split)
+    assert extra_a["data"]["split"] == "train"
+    assert extra_a["data"]["tokenizer_sha256"] == manifest["tokenizer"]["sha256"]
+    assert extra_a["data"]["num_records"] == manifest["splits"]["train"]["records"]
+    assert int(a.step) == int(b.step) == 6
+    assert extra_a["data"] == extra_b["data"] and extra_a["data"]["step"] == 6
+
+    leaves_a = jax.tree_util.tree_leaves_with_path(a)
+    leaves_b = jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
+
+    def train_rows(d):
+        rows = pretrain.read_metrics(d / "metrics.jsonl")
+        drop = ("time", "tokens_per_s")
+        return [
+            {k: v for k, v in r.items() if k not in drop} for r in rows if r["split"] == "train"
+        ]
+
+    assert len(train_rows(full)) == 6 and train_rows(full) == train_rows(split)
+    assert resumed["end"] == pretrain.load_json_object(full / "summary.json")["end"]
+
+    # A restart of the finished run on other data (a copy elsewhere) is refused, naming it.
+    other = tmp_path / "other_data"
+    shutil.copytree(prepared, other)
+    with pytest.raises(pretrain.ConfigError, match=r"data_dir: saved .*prepared.*, now .*other"):
+        pretrain.run(_args(other, full, "--steps", "6", "--save-every", "100"))
+
+
+def test_data_dir_settings_the_data_contradicts_are_refused(prepared, tmp_path):
+    with pytest.raises(pretrain.ConfigError, match=rf"seq_len={SEQ_LEN}, the model needs 64"):
+        pretrain.run(_args(prepared, tmp_path / "a", "--steps", "2", seq_len=64))
+    with pytest.raises(pretrain.ConfigError, match="--corpus cannot be given with it"):
+        pretrain.run(_args(prepared, tmp_path / "b", "--steps", "2", "--corpus", str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="no prepared data here"):
+        pretrain.run(_args(tmp_path / "missing", tmp_path / "c", "--steps", "2"))
