@@ -64,7 +64,9 @@ class FunnelConfig:
     remat_policy: str = "none"  # rematerialisation of each layer: see funnel_jax/layers.py
     one_hot_embeddings: bool = False  # embedding lookup as a one-hot matmul (gather-free, for TPU)
     attention_impl: str = "einsum"  # "fused_bias": jax.nn.dot_product_attention with a bias
-    scan_layers: bool = False  # a block's same-shape layers as one lax.scan (faster compiles)
+    # A block's same-shape layers as one nn.scan over parameters stored stacked (faster compiles;
+    # funnel_jax/layer_stack.py). Off by default: the per-layer layout of transformers.
+    scan_layers: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)

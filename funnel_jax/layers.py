@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from funnel_jax import attention_structure as structure
+from funnel_jax import layer_stack
 from funnel_jax.config import FunnelConfig
 
 Array = jax.Array
@@ -469,45 +470,50 @@ def layer_class(config: FunnelConfig):
 
 
 def scan_layers(
-    module: nn.Module,
-    names: list[str],
+    parent: nn.Module,
+    name: str,
     block_index: int,
+    num_layers: int,
+    repeats: int,
     hidden: Array,
     inputs: AttentionInputs,
     deterministic: bool,
     output_attentions: bool,
 ) -> tuple[Array, list[Array], list[Array | None]]:
-    """Apply the same-shape layers `names` of `module` (in order; a name may repeat) to hidden
-    [B, L, D] as one `lax.scan` over their stacked parameters.
+    """Apply `num_layers` same-shape layers, each `repeats` times in a row, to hidden
+    [B, L, D] as one `nn.scan` over parameters stored stacked under `name` (leading axis
+    num_layers; funnel_jax/layer_stack.py maps them to and from one entry per layer).
 
-    The parameters keep their per-layer layout (checkpoints and converters are unchanged): they
-    are stacked here, inside the step, and the scan compiles one layer body instead of
-    len(names). Dropout draws one key per layer from the module's "dropout" stream.
-    Returns (hidden, [hidden after each layer], [attention probabilities or None per layer]).
+    Called inside `parent`'s compact method. The program holds one layer body; each scan step
+    draws its own dropout key (split_rngs), and the repeats inside a step draw distinct masks.
+    Returns (hidden, [hidden after each call], [attention probabilities or None per call]),
+    calls in order (layer 0 repeat 0, layer 0 repeat 1, ..., layer 1 repeat 0, ...).
     """
-    cfg = module.config
-    params = [module.variables["params"][name] for name in names]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
-    proto = FunnelLayer(
-        cfg, block_index, dtype=module.dtype, param_dtype=module.param_dtype, parent=None
+    cfg = parent.config
+
+    def body(layer, h, inputs):
+        hs, probs = [], []
+        for _ in range(repeats):
+            h, prob = layer(h, h, inputs, deterministic, output_attentions)
+            hs.append(h)
+            probs.append(prob)
+        return h, (jnp.stack(hs), jnp.stack(probs) if output_attentions else None)
+
+    scan = nn.scan(
+        body,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
     )
-
-    def apply(p, h, key):
-        rngs = None if key is None else {"dropout": key}
-        return proto.apply({"params": p}, h, h, inputs, deterministic, output_attentions, rngs=rngs)
-
-    if cfg.remat_policy != "none":
-        apply = jax.checkpoint(apply, policy=REMAT_POLICIES[cfg.remat_policy])
-    keys = None if deterministic else jax.random.split(module.make_rng("dropout"), len(names))
-
-    def body(h, xs):
-        p, key = xs
-        h, prob = apply(p, h, key)
-        return h, (h, prob)
-
-    hidden, (hs, probs) = jax.lax.scan(body, hidden, (stacked, keys))
-    per_layer = [hs[j] for j in range(len(names))]
-    per_prob = [None if probs is None else probs[j] for j in range(len(names))]
+    layer = layer_class(cfg)(
+        cfg, block_index, dtype=parent.dtype, param_dtype=parent.param_dtype, name=name
+    )
+    hidden, (hs, probs) = scan(layer, hidden, inputs)
+    calls = [(j, r) for j in range(num_layers) for r in range(repeats)]
+    per_layer = [hs[j, r] for j, r in calls]
+    per_prob = [None if probs is None else probs[j, r] for j, r in calls]
     return hidden, per_layer, per_prob
 
 
@@ -625,14 +631,31 @@ class FunnelEncoder(nn.Module):
                 continue
             s = hidden.shape[1]
             inputs = self._inputs(q_emb + k_emb if factorized else r_same, tt_mat, mask, s, s)
-            names = [f"blocks_{b}_{i}" for i, _ in calls]
-            if cfg.scan_layers and len(calls) > 1 and not self.is_initializing():
-                hidden, hs, probs = scan_layers(
-                    self, names, b, hidden, inputs, deterministic, output_attentions
-                )
-                all_hidden += hs
-                all_attn += probs
+            if cfg.scan_layers:
+                first = layer_stack.first_scanned_layer(b)
+                # In a pooling block the pooling layer's other repeats run on their own.
+                for _ in range(cfg.block_repeats[b] - 1 if first else 0):
+                    hidden, prob = layer(b, f"blocks_{b}_0")(
+                        hidden, hidden, inputs, deterministic, output_attentions
+                    )
+                    all_hidden.append(hidden)
+                    all_attn.append(prob)
+                if block_size > first:
+                    hidden, hs, probs = scan_layers(
+                        self,
+                        layer_stack.encoder_stack_name(b),
+                        b,
+                        block_size - first,
+                        cfg.block_repeats[b],
+                        hidden,
+                        inputs,
+                        deterministic,
+                        output_attentions,
+                    )
+                    all_hidden += hs
+                    all_attn += probs
                 continue
+            names = [f"blocks_{b}_{i}" for i, _ in calls]
             for name in names:
                 hidden, prob = layer(b, name)(
                     hidden, hidden, inputs, deterministic, output_attentions
@@ -706,10 +729,17 @@ class FunnelDecoder(nn.Module):
             else None,
         )
         all_hidden, all_attn = [hidden], []
-        names = [f"layers_{i}" for i in range(cfg.num_decoder_layers)]
-        if cfg.scan_layers and len(names) > 1 and not self.is_initializing():
+        if cfg.scan_layers and cfg.num_decoder_layers:
             hidden, hs, probs = scan_layers(
-                self, names, 0, hidden, inputs, deterministic, output_attentions
+                self,
+                layer_stack.DECODER_STACK,
+                0,
+                cfg.num_decoder_layers,
+                1,
+                hidden,
+                inputs,
+                deterministic,
+                output_attentions,
             )
             return hidden, tuple(all_hidden + hs), tuple(all_attn + probs)
         layer_cls = layer_class(cfg)

@@ -38,6 +38,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("segment", None),
     ("labels", None),
+    ("layers", None),  # the leading axis of stacked layers (scan_layers)
 )
 
 

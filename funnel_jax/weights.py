@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from funnel_jax import layer_stack
 from funnel_jax.config import FunnelConfig
 from funnel_jax.models import (
     FunnelBaseModel,
@@ -145,6 +146,9 @@ def state_dict_to_params(
     naming every offender and both shapes.
     """
     config: FunnelConfig = module.config
+    if config.scan_layers:  # convert per layer, then stack (funnel_jax/layer_stack.py)
+        unrolled = module.clone(config=config.replace(scan_layers=False))
+        return layer_stack.stack_layers(state_dict_to_params(state_dict, unrolled, rng, dtype))
     expected = flatten_dict(abstract_params(module))
     target_prefixed = _has_backbone_prefix(module)
     has_decoder = any("decoder" in p for p in expected)
@@ -242,9 +246,11 @@ def params_to_state_dict(params, module: nn.Module) -> dict[str, np.ndarray]:
     """Flax params -> `transformers` state dict (numpy, float32 or the params' dtype).
 
     The MLM head's `lm_head.weight` is not written: it is tied to the word embedding.
+    Stacked layers (scan_layers) are written one entry per layer, as `transformers` has them.
     """
     out = {}
-    for path, value in flatten_dict(nn.meta.unbox(params)).items():
+    params = layer_stack.unstack_layers(nn.meta.unbox(params))
+    for path, value in flatten_dict(params).items():
         arr = np.asarray(jax.device_get(value))
         out[flax_path_to_torch_key(path)] = np.ascontiguousarray(flax_to_torch_tensor(path, arr))
     return out
