@@ -212,7 +212,7 @@ def test_async_save_overlaps_the_next_steps(inputs, tmp_path, monkeypatch, mode)
     flag = "true" if mode == "async" else "false"
     summary = pretrain.run(
         _args(inputs, out, "--steps", "10", "--save-every", "4",
-              f"train.async_checkpointing={flag}")
+              "--set", f"train.async_checkpointing={flag}")
     )  # fmt: skip
     assert summary["steps"] == 10
     rows = [r for r in pretrain.read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
