@@ -13,6 +13,7 @@ field. The step loop is funnel_jax.training.loop.fit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -578,20 +579,25 @@ def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dic
         progress=progress and is_main,
         desc=objective.name,
     )
-    ctx = fit(
-        state,
-        program.train_step,
-        train_data,
-        loop,
-        mesh=mesh,
-        put_batch=put_batch,
-        data_state=train_data.state,
-        stopper=stopper,
-        hooks=hooks,
-        on_log=on_log,
-        count=lambda b: int(b["attention_mask"].sum()) * pc,
-        on_interrupt=on_interrupt,
-    )
+    try:
+        ctx = fit(
+            state,
+            program.train_step,
+            train_data,
+            loop,
+            mesh=mesh,
+            put_batch=put_batch,
+            data_state=train_data.state,
+            stopper=stopper,
+            hooks=hooks,
+            on_log=on_log,
+            count=lambda b: int(b["attention_mask"].sum()) * pc,
+            on_interrupt=on_interrupt,
+        )
+    except Exception:  # e.g. too many skipped steps: the save in flight still completes
+        with contextlib.suppress(Exception):
+            finish_save()
+        raise
     state, step = ctx.state, ctx.step
     finish_save()  # a save in flight completes before the last one is decided
     if ckpt.latest_step() != step:
