@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from funnel_jax.pytree import path_names
@@ -200,7 +201,23 @@ def layer_depths(params) -> Any:
 
 def layerwise_lr_scales(params, decay: float) -> Any:
     """Pytree of floats: decay ** (top_layer - depth); the last layer and the heads get 1,
-    the embeddings decay ** num_layers (the original's `lr_layer_decay_rate`)."""
+    the embeddings decay ** num_layers (the original's `lr_layer_decay_rate`).
+
+    Layers stored stacked (`scan_layers`, funnel_jax/layer_stack.py) get one scale per layer:
+    a float32 array [n, 1, ...] that broadcasts over the stacked leaf [n, ...]."""
+    from funnel_jax import layer_stack
+
+    if layer_stack.is_stacked(params):
+        per_layer = jax.eval_shape(layer_stack.unstack_layers, params)
+        scales = layerwise_lr_scales(per_layer, decay)
+        stacked = layer_stack.stack_layers(
+            jax.tree.map(lambda s: np.asarray(s, np.float32), scales)
+        )
+        return jax.tree.map(
+            lambda s, p: np.reshape(s, np.shape(s) + (1,) * (np.ndim(p) - np.ndim(s))),
+            stacked,
+            params,
+        )
     depths, top = layer_depths(params)
     last_layer = top - 1
     return jax.tree.map(lambda d: float(decay ** max(last_layer - min(d, last_layer), 0)), depths)

@@ -110,3 +110,40 @@ def test_dropout_masks_differ_between_stacked_layers():
     for i in range(6):
         for j in range(i):
             assert (zeros[i] != zeros[j]).mean() > 0.3, (i, j)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_layerwise_lr_scales_of_stacked_layers_equal_the_unrolled_ones(name):
+    """Each entry of a stacked leaf gets the scale of the layer it holds (not one scale)."""
+    from funnel_jax import optim
+
+    kw = dict(vocab_size=64, d_model=16, n_head=2, d_head=8, d_inner=32, **CASES[name])
+    unrolled = fj.init_params(fj.FunnelModel(fj.FunnelConfig(**kw)), jax.random.PRNGKey(0))
+    stacked = fj.init_params(
+        fj.FunnelModel(fj.FunnelConfig(**kw, scan_layers=True)), jax.random.PRNGKey(0)
+    )
+    want = jax.tree.map(
+        lambda s, p: np.broadcast_to(np.float32(s), p.shape),
+        optim.layerwise_lr_scales(unrolled, 0.8),
+        unrolled,
+    )
+    got = optim.layerwise_lr_scales(stacked, 0.8)
+    got = layer_stack.unstack_layers(
+        jax.tree.map(lambda s, p: np.broadcast_to(s, p.shape), got, stacked)
+    )
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, g), w in zip(
+        jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_array_equal(g, w, err_msg=jax.tree_util.keystr(path))
+    assert len({float(x) for x in jax.tree.leaves(jax.tree.map(np.max, want))}) > 3
+    update = optim.scale_by_layer_depth(0.8).update
+    ones = jax.tree.map(jnp.ones_like, stacked)
+    scaled, _ = jax.jit(update)(ones, optax_empty_state())
+    assert jax.tree.structure(scaled) == jax.tree.structure(stacked)
+
+
+def optax_empty_state():
+    import optax
+
+    return optax.EmptyState()
