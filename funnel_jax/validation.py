@@ -50,8 +50,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     instead of a traceback: RunError and the input errors of the other modules."""
     from funnel_jax.checkpoint import CheckpointMismatchError
     from funnel_jax.data import CorpusError
+    from funnel_jax.hub import HubError
 
-    return (RunError, CorpusError, CheckpointMismatchError)
+    return (RunError, CorpusError, CheckpointMismatchError, HubError)
 
 
 # --------------------------------------------------------------------------- settings

@@ -437,3 +437,25 @@ def test_torch_bin_reader_matches_torch(tmp_path, legacy):
     path.write_bytes(b"not a torch file" * 4)
     with pytest.raises(TorchBinError, match="pytorch_model.bin: cannot read PyTorch file"):
         read_torch_bin(path)
+
+
+def test_finetune_init_and_tokenizer_take_hub_ids(offline, tmp_path, monkeypatch):
+    """`finetune --init ORG/NAME` / `--tokenizer ORG/NAME`: the snapshot is used as the model
+    directory and as the tokenizer; a missing local path that is no id is still named."""
+    from funnel_jax.training.config import FinetuneModelConfig
+    from funnel_jax.training.finetuning import load_tokenizer, resolve_init
+
+    monkeypatch.chdir(tmp_path)  # "ORG/tiny-bin" is no local path here
+    snapshot = hub.resolve_model_dir("ORG/tiny-bin", tokenizer=True)
+    model_dir, candidates = resolve_init("ORG/tiny-bin")
+    assert model_dir == snapshot and (model_dir / "pytorch_model.bin").is_file()
+    tok, how = load_tokenizer(FinetuneModelConfig(init="ORG/tiny-bin"), candidates, None, 0)
+    assert str(snapshot) in how
+    reference = transformers.FunnelTokenizerFast.from_pretrained(str(offline["dirs"]["bin"]))
+    text = "The funnel pools hidden states."
+    assert np.ravel(tok(text)["input_ids"]).tolist() == list(reference(text)["input_ids"])
+    tok2, how2 = load_tokenizer(FinetuneModelConfig(tokenizer="ORG/tiny"), [], None, 0)
+    assert how2.startswith("ORG/tiny (")
+    assert np.ravel(tok2(text)["input_ids"]).tolist() == np.ravel(tok(text)["input_ids"]).tolist()
+    with pytest.raises(FileNotFoundError, match="no such directory: ../nowhere"):
+        resolve_init("../nowhere")

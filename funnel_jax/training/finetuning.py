@@ -286,10 +286,15 @@ def read_data(task, data: FinetuneDataConfig) -> tuple[list, dict[str, list], di
 
 def resolve_init(path: str) -> tuple[Path, list[Path]]:
     """(model dir, tokenizer dirs to try) of --init: a pretraining output dir (final/ and
-    tokenizer/) or a model directory."""
+    tokenizer/), a model directory, or a Hub id (ORG/NAME, resolved through the local cache
+    or a download: funnel_jax/hub.py)."""
+    from funnel_jax import hub
+
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"--init: no such directory: {p}")
+        if not hub.looks_like_repo_id(str(path)):
+            raise FileNotFoundError(f"--init: no such directory: {p}")
+        p = hub.resolve_model_dir(str(path), tokenizer=True)
     if (p / "final" / "config.json").is_file():
         model_dir = p / "final"
     elif (p / "config.json").is_file():
@@ -321,6 +326,13 @@ def load_tokenizer(
         t = Path(model.tokenizer)
         if t.is_file():
             return FunnelTokenizer.from_vocab(t), f"vocabulary {t}"
+        if not t.exists():
+            from funnel_jax import hub
+
+            if not hub.looks_like_repo_id(str(model.tokenizer)):
+                raise FileNotFoundError(f"--tokenizer: no such file or directory: {t}")
+            t = hub.resolve_tokenizer_dir(str(model.tokenizer))
+            return FunnelTokenizer.from_pretrained(t), f"{model.tokenizer} ({t})"
         if not t.is_dir():
             raise FileNotFoundError(f"--tokenizer: no such file or directory: {t}")
         return FunnelTokenizer.from_pretrained(t), f"{t}"
@@ -696,7 +708,11 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
     metric_name = settings["metric_for_best"] or task.main_metric
 
     def absolute(path):
-        return None if path is None else str(Path(path).absolute())
+        from funnel_jax import hub
+
+        if path is None or (not Path(path).exists() and hub.looks_like_repo_id(str(path))):
+            return path  # None, or a Hub id (kept as typed, whatever the working directory)
+        return str(Path(path).absolute())
 
     # What identifies the run (train_config.json; a restart must match it).
     run_key = {
