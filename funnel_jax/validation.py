@@ -51,8 +51,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from funnel_jax.checkpoint import CheckpointMismatchError
     from funnel_jax.data import CorpusError
     from funnel_jax.hub import HubError
+    from funnel_jax.prepare import PrepareError
 
-    return (RunError, CorpusError, CheckpointMismatchError, HubError)
+    return (RunError, CorpusError, CheckpointMismatchError, HubError, PrepareError)
 
 
 # --------------------------------------------------------------------------- settings

@@ -141,3 +141,12 @@ def test_data_dir_settings_the_data_contradicts_are_refused(prepared, tmp_path):
         pretrain.run(_args(prepared, tmp_path / "b", "--steps", "2", "--corpus", str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="no prepared data here"):
         pretrain.run(_args(tmp_path / "missing", tmp_path / "c", "--steps", "2"))
+
+
+def test_a_corrupt_manifest_is_an_error_line_not_a_traceback(prepared, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(prepared, bad)
+    (bad / "manifest.json").write_text('{"format": ')
+    assert pretrain.main(_args(bad, tmp_path / "out", "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "manifest.json: not a JSON manifest" in err, err
