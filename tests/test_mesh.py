@@ -69,12 +69,12 @@ def test_finetuning_runs_and_learns_on_a_mixed_mesh(report):
 
 def test_finetuning_state_is_created_sharded(report):
     """The fine-tuning TrainState as created (before any step) is already laid out by the
-    rules on the 8 devices: the embedding [vocab, embed] split over tensor x fsdp, Adam's
+    rules on the 8 devices: the FFN kernel [embed, mlp] split over fsdp x tensor, Adam's
     moments like it, every leaf (scalars replicated) spread over all 8 devices."""
     r = report["finetune"]
-    spec = str(P("tensor", "fsdp"))
-    assert r["created_embedding_spec"] == spec, r
-    assert r["created_opt_state_embedding_specs"] == [spec], r
-    vocab, d_model = r["created_embedding_shape"]
-    assert r["created_embedding_shard_shape"] == [vocab // 2, d_model // 2], r
+    spec = str(P("fsdp", "tensor"))
+    assert r["created_ffn_spec"] == spec, r
+    assert r["created_opt_state_ffn_specs"] == [spec], r
+    d_model, d_inner = r["created_ffn_shape"]
+    assert r["created_ffn_shard_shape"] == [d_model // 2, d_inner // 2], r
     assert r["created_devices_per_leaf"] == [8], r
