@@ -108,9 +108,9 @@ def _documents_from_jsonl(path: Path, text: str) -> list[str]:
     return docs
 
 
-def corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand the --corpus arguments: files as given, directories to their *.txt files
-    (recursively, sorted)."""
+def _expand_corpus_paths(paths, patterns: Sequence[str], none_found: str) -> list[Path]:
+    """Files as given, directories to the files below them matching `patterns` (recursively,
+    sorted); `none_found` ends the error of a directory without any."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not paths:
@@ -118,9 +118,9 @@ def corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*.txt") if q.is_file())
+            found = sorted({q for n in patterns for q in p.rglob(n) if q.is_file()})
             if not found:
-                raise CorpusError(f"{p}: directory holds no *.txt file (searched recursively)")
+                raise CorpusError(f"{p}: directory holds no {none_found}")
             files.extend(found)
         elif p.is_file():
             files.append(p)
@@ -129,6 +129,12 @@ def corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         else:
             raise FileNotFoundError(f"corpus path not found: {p}")
     return files
+
+
+def corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand the --corpus arguments: files as given, directories to their *.txt files
+    (recursively, sorted)."""
+    return _expand_corpus_paths(paths, ["*.txt"], "*.txt file (searched recursively)")
 
 
 def read_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -174,29 +180,13 @@ def stream_corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) 
     """Expand corpus arguments for streaming: files as given, directories to every *.txt,
     *.jsonl, *.json file below them and the .gz / .zst compressed versions of each
     (recursively, sorted)."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if not paths:
-        raise CorpusError("no corpus path given")
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            names = [f"*{s}" for s in STREAM_SUFFIXES]
-            names += [f"*{s}{c}" for s in STREAM_SUFFIXES for c in COMPRESSED_SUFFIXES]
-            found = sorted({q for n in names for q in p.rglob(n) if q.is_file()})
-            if not found:
-                raise CorpusError(
-                    f"{p}: directory holds no *.txt / *.jsonl / *.json file (nor .gz / .zst of "
-                    "them; searched recursively)"
-                )
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        elif p.exists():
-            raise CorpusError(f"{p}: neither a regular file nor a directory")
-        else:
-            raise FileNotFoundError(f"corpus path not found: {p}")
-    return files
+    names = [f"*{s}" for s in STREAM_SUFFIXES]
+    names += [f"*{s}{c}" for s in STREAM_SUFFIXES for c in COMPRESSED_SUFFIXES]
+    return _expand_corpus_paths(
+        paths,
+        names,
+        "*.txt / *.jsonl / *.json file (nor .gz / .zst of them; searched recursively)",
+    )
 
 
 def _open_binary(path: Path, comp: str):
