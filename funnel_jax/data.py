@@ -1,14 +1,13 @@
-"""Pretraining data: corpus reading, an embedded default corpus, sentence splitting, and packing
-into `<cls> A <sep> B <sep>` examples with a deterministic, resumable batch iterator.
+"""Pretraining data: streaming corpus reading, an embedded default corpus, sentence splitting,
+and packing into `<cls> A <sep> B <sep>` examples. funnel_jax/prepare.py runs these offline into
+ArrayRecord shards and funnel_jax/loader.py reads the batches; every pretraining run takes that
+one path (funnel_jax/training/pretrain_data.py).
 
-    docs = read_corpus(["books/", "wiki.jsonl"])       # or stdlib_corpus()
-    token_docs = tokenize_documents(tok, docs)         # [doc][sentence] -> np.int32 ids
-    train_docs, eval_docs = split_documents(token_docs, eval_fraction=0.05)
-    it = PackedBatches(train_docs, batch_size=32, seq_len=128,
-                       special=SpecialIds.from_tokenizer(tok),
-                       truncate_stride=truncation_stride(config), seed=0)
-    batch = next(it)          # dict of np.int32 [B, L]: input_ids, token_type_ids, attention_mask
-    pos = it.state()          # small JSON dict; it.restore(pos) continues from there
+    for doc in iter_documents(["books/", "wiki.jsonl.zst"]):   # Document(text, path, line)
+        ...
+    token_docs = tokenize_documents(tok, texts)       # [doc][sentence] -> np.int32 ids
+    examples = pack_examples(token_docs, rng, seq_len=128, special=SpecialIds.from_tokenizer(tok),
+                             truncate_stride=truncation_stride(config), rng=rng)
 
 Packing follows the original pipeline (tensorflow/create_pretrain_data.py and
 input_func_builder.py): the documents of an epoch, in a seeded random order, form one token
@@ -37,7 +36,6 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -49,63 +47,6 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 
 class CorpusError(ValueError):
     """A corpus input that cannot be used; the message names the file (and line)."""
-
-
-def _read_text_file(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CorpusError(f"{path}: cannot read the file ({e.strerror or e})") from None
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise CorpusError(
-            f"{path}: not a text file (NUL byte at offset {nul}); expected UTF-8 text"
-        )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte offset {e.start})") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    if not text.strip():
-        raise CorpusError(f"{path}: the file is empty")
-    return text
-
-
-def _documents_from_text(text: str) -> list[str]:
-    """Blank lines separate documents; the lines of a document are kept (one sentence or one
-    paragraph per line, as the original pipeline expects)."""
-    docs, cur = [], []
-    for line in text.splitlines():
-        if line.strip():
-            cur.append(line.strip())
-        elif cur:
-            docs.append("\n".join(cur))
-            cur = []
-    if cur:
-        docs.append("\n".join(cur))
-    return docs
-
-
-def _documents_from_jsonl(path: Path, text: str) -> list[str]:
-    docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            got = type(obj).__name__ if not isinstance(obj, dict) else f"keys {sorted(obj)}"
-            raise CorpusError(
-                f'{path}:{lineno}: expected a JSON object with a string field "text", got {got}'
-            )
-        if obj["text"].strip():
-            docs.append(obj["text"])
-    if not docs:
-        raise CorpusError(f'{path}: no line has a non-empty "text" field')
-    return docs
 
 
 def _expand_corpus_paths(paths, patterns: Sequence[str], none_found: str) -> list[Path]:
@@ -129,25 +70,6 @@ def _expand_corpus_paths(paths, patterns: Sequence[str], none_found: str) -> lis
         else:
             raise FileNotFoundError(f"corpus path not found: {p}")
     return files
-
-
-def corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand the --corpus arguments: files as given, directories to their *.txt files
-    (recursively, sorted)."""
-    return _expand_corpus_paths(paths, ["*.txt"], "*.txt file (searched recursively)")
-
-
-def read_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Documents (strings; one line per sentence or paragraph) of text files, directories of
-    *.txt files, and JSON Lines files (*.jsonl / *.json, one object with a "text" field a line)."""
-    docs: list[str] = []
-    for f in corpus_files(paths):
-        text = _read_text_file(f)
-        if f.suffix.lower() in JSONL_SUFFIXES:
-            docs.extend(_documents_from_jsonl(f, text))
-        else:
-            docs.extend(_documents_from_text(text))
-    return docs
 
 
 # --------------------------------------------------------------------------- streaming
@@ -514,20 +436,6 @@ def tokenize_documents(
     return out
 
 
-def split_documents(docs: Sequence[Any], eval_fraction: float, seed: int = 0):
-    """(train, eval) lists: a seeded random `eval_fraction` of the documents (at least one when
-    there are two or more) is held out."""
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    n = len(docs)
-    n_eval = 0 if eval_fraction == 0 or n < 2 else max(1, int(round(eval_fraction * n)))
-    order = np.random.default_rng([seed, 7919]).permutation(n)
-    eval_idx = set(order[:n_eval].tolist())
-    train = [d for i, d in enumerate(docs) if i not in eval_idx]
-    held = [d for i, d in enumerate(docs) if i in eval_idx]
-    return train, held
-
-
 def truncation_stride(config) -> int:
     """2**(n_blocks-1) when the model truncates at pooling (separate_cls and truncate_seq),
     else 1: the example ends with `stride - 1` pads, as in the original input pipeline."""
@@ -634,211 +542,3 @@ def pack_examples(
         "attention_mask": attention_mask,
         "random_next": np.asarray(randoms, np.int32),
     }
-
-
-class PackedBatches:
-    """Endless, deterministic, resumable iterator of packed batches.
-
-    Epoch `e` packs this process's documents with `np.random.default_rng([seed, e,
-    process_index])` and shuffles the examples; batches of `batch_size` are taken in order (the
-    remainder of an epoch is dropped). Each process (host) keeps only the documents
-    `documents[process_index::process_count]` and packs and reads its share only; pass
-    `sharded=True` when `documents` already is that share (e.g. to tokenize only it).
-    `state()` is `{"epoch", "batch", ...}`; `restore(state)` continues from there.
-    """
-
-    def __init__(
-        self,
-        documents: Sequence[Sequence[np.ndarray]],
-        *,
-        batch_size: int,
-        seq_len: int,
-        special: SpecialIds,
-        truncate_stride: int = 1,
-        random_next_prob: float = 0.5,
-        seed: int = 0,
-        shuffle: bool = True,
-        process_index: int = 0,
-        process_count: int = 1,
-        sharded: bool = False,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(
-                f"process_index={process_index} must be in [0, process_count={process_count})"
-            )
-        if not 0.0 <= random_next_prob <= 1.0:
-            raise ValueError(f"random_next_prob must be in [0, 1], got {random_next_prob}")
-        docs = list(documents)
-        self.documents = docs if sharded else docs[process_index::process_count]
-        if not self.documents:
-            raise ValueError(
-                f"process {process_index} of {process_count} got no documents "
-                f"({len(documents)} in all)"
-            )
-        self.batch_size = int(batch_size)
-        self.seq_len = int(seq_len)
-        self.special = special
-        self.truncate_stride = int(truncate_stride)
-        self.random_next_prob = float(random_next_prob)
-        self.seed = int(seed)
-        self.shuffle = bool(shuffle)
-        self.process_index = int(process_index)
-        self.process_count = int(process_count)
-        self._epoch, self._batch = 0, 0
-        self._cache: tuple[int, dict[str, np.ndarray]] | None = None
-        self.num_tokens = int(sum(len(s) for d in self.documents for s in d))
-
-    def _fingerprint(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "process_index": self.process_index,
-            "process_count": self.process_count,
-            "batch_size": self.batch_size,
-            "seq_len": self.seq_len,
-            "num_documents": len(self.documents),
-            "num_tokens": self.num_tokens,
-        }
-
-    def epoch_examples(self, epoch: int) -> dict[str, np.ndarray]:
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        rng = np.random.default_rng([self.seed, epoch, self.process_index])
-        ex = pack_examples(
-            self.documents,
-            rng,
-            self.seq_len,
-            self.special,
-            self.truncate_stride,
-            self.random_next_prob,
-            shuffle_documents=self.shuffle,
-        )
-        if self.shuffle:
-            perm = rng.permutation(len(ex["input_ids"]))
-            ex = {k: v[perm] for k, v in ex.items()}
-        if len(ex["input_ids"]) < self.batch_size:
-            raise ValueError(
-                f"the corpus gives only {len(ex['input_ids'])} examples of {self.seq_len} tokens "
-                f"per pass (process {self.process_index}), fewer than batch_size="
-                f"{self.batch_size}; use more text, a smaller batch or a shorter seq_len"
-            )
-        self._cache = (epoch, ex)
-        return ex
-
-    def batches_per_epoch(self, epoch: int = 0) -> int:
-        return len(self.epoch_examples(epoch)["input_ids"]) // self.batch_size
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        ex = self.epoch_examples(self._epoch)
-        if self._batch >= len(ex["input_ids"]) // self.batch_size:
-            self._epoch, self._batch = self._epoch + 1, 0
-            ex = self.epoch_examples(self._epoch)
-        sl = slice(self._batch * self.batch_size, (self._batch + 1) * self.batch_size)
-        self._batch += 1
-        return {k: ex[k][sl] for k in ("input_ids", "token_type_ids", "attention_mask")}
-
-    def take(self, n: int) -> list[dict[str, np.ndarray]]:
-        return [next(self) for _ in range(n)]
-
-    def state(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "batch": self._batch, **self._fingerprint()}
-
-    def seek(self, num_batches: int) -> None:
-        """Position after `num_batches` batches from the start (packs each skipped epoch once
-        to learn its length, materialises no batch)."""
-        epoch = 0
-        while num_batches >= self.batches_per_epoch(epoch):
-            num_batches -= self.batches_per_epoch(epoch)
-            epoch += 1
-        self._epoch, self._batch = epoch, num_batches
-
-    def restore(self, state: dict[str, Any]) -> None:
-        expected = self._fingerprint()
-        diff = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-        if diff:
-            details = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"the saved data position belongs to another data setup ({details})")
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
-
-
-class ShardedBatches:
-    """A process's share of a global batch that does not depend on the number of processes.
-
-    The documents are split into `num_shards` data shards (`documents[s::num_shards]`); shard
-    `s` is a `PackedBatches` of `global_batch / num_shards` rows seeded by `s`, and the global
-    batch is the concatenation of all shards' batches in shard order. A process reads only its
-    shards (`num_shards / process_count` consecutive ones), so one process with every shard and
-    several processes with a share each see the same global batches: a run can move between
-    host counts, and a multi-host run equals a single-host one.
-
-    `state()` records how many batches were drawn plus the local shards' positions;
-    `restore()` uses a shard's saved position when present and otherwise skips ahead.
-    """
-
-    def __init__(
-        self,
-        documents_for_shard,
-        *,
-        num_shards: int,
-        global_batch: int,
-        process_index: int = 0,
-        process_count: int = 1,
-        **packed_kwargs,
-    ):
-        if num_shards % process_count:
-            raise ValueError(
-                f"data.num_shards={num_shards} must be a multiple of the number of processes "
-                f"({process_count})"
-            )
-        if global_batch % num_shards:
-            raise ValueError(
-                f"the global batch size {global_batch} must be a multiple of "
-                f"data.num_shards={num_shards}"
-            )
-        per = num_shards // process_count
-        self.shard_ids = list(range(process_index * per, (process_index + 1) * per))
-        self.shards = [
-            PackedBatches(
-                documents_for_shard(s),
-                batch_size=global_batch // num_shards,
-                process_index=s,
-                process_count=num_shards,
-                sharded=True,
-                **packed_kwargs,
-            )
-            for s in self.shard_ids
-        ]
-        self.num_tokens = sum(p.num_tokens for p in self.shards)
-        self.drawn = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        parts = [next(p) for p in self.shards]
-        self.drawn += 1
-        if len(parts) == 1:
-            return parts[0]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def take(self, n: int) -> list[dict[str, np.ndarray]]:
-        return [next(self) for _ in range(n)]
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "drawn": self.drawn,
-            "shards": {str(s): p.state() for s, p in zip(self.shard_ids, self.shards, strict=True)},
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        saved = state.get("shards", {})
-        for s, p in zip(self.shard_ids, self.shards, strict=True):
-            if str(s) in saved:
-                p.restore(saved[str(s)])
-            else:  # another process saved this shard's position: skip ahead to it
-                p.seek(int(state["drawn"]))
-        self.drawn = int(state["drawn"])

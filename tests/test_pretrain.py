@@ -188,43 +188,6 @@ def test_truncation_stride_follows_the_config():
     assert data.truncation_stride(FunnelConfig(block_sizes=(1, 1, 1), truncate_seq=False)) == 1
 
 
-def test_packed_batches_are_deterministic_resumable_and_sharded():
-    docs, _ = _numbered_docs(seed=1, n_docs=80)
-    kw = dict(batch_size=4, seq_len=32, special=SPECIAL, truncate_stride=2)
-    it = data.PackedBatches(docs, seed=3, **kw)
-    per_epoch = it.batches_per_epoch()
-    first = it.take(per_epoch + 2)  # crosses into the second epoch
-    state = json.loads(json.dumps(it.state()))  # JSON round trip, as in a checkpoint
-    after = it.take(3)
-    again = data.PackedBatches(docs, seed=3, **kw)
-    assert all(
-        np.array_equal(x["input_ids"], y["input_ids"])
-        for x, y in zip(first, again.take(len(first)), strict=True)
-    )
-    resumed = data.PackedBatches(docs, seed=3, **kw)
-    resumed.restore(state)
-    for x, y in zip(after, resumed.take(3), strict=True):
-        for k in x:
-            assert np.array_equal(x[k], y[k])
-    other = data.PackedBatches(docs, seed=4, **kw)
-    assert not np.array_equal(other.take(1)[0]["input_ids"], first[0]["input_ids"])
-    with pytest.raises(ValueError, match="seed"):
-        other.restore(state)
-    # Each of two processes reads its own half of the documents.
-    shards = [
-        data.PackedBatches(docs, seed=3, process_index=i, process_count=2, **kw) for i in (0, 1)
-    ]
-    ids = [set(np.concatenate([s for d in sh.documents for s in d]).tolist()) for sh in shards]
-    assert not ids[0] & ids[1]
-    assert len(ids[0] | ids[1]) == sum(len(s) for d in docs for s in d)
-    pre = data.PackedBatches(
-        docs[1::2], seed=3, process_index=1, process_count=2, sharded=True, **kw
-    )
-    assert np.array_equal(pre.take(1)[0]["input_ids"], shards[1].take(1)[0]["input_ids"])
-    with pytest.raises(ValueError, match="batch_size"):
-        data.PackedBatches(docs[:2], seed=0, **{**kw, "batch_size": 64}).take(1)
-
-
 def test_validate_token_ids():
     data.validate_token_ids(np.array([0, 5, 9]), 10)
     with pytest.raises(ValueError, match="token id 10 is outside"):
@@ -236,7 +199,12 @@ def test_validate_token_ids():
 # --------------------------------------------------------------------------- corpus
 
 
-def test_read_corpus_formats_and_errors(tmp_path):
+def _texts(paths):
+    return [d.text for d in data.iter_documents(paths)]
+
+
+def test_corpus_formats_and_errors(tmp_path):
+    """The corpus reader every pretraining run goes through (--corpus prepares with it)."""
     txt = tmp_path / "a.txt"
     txt.write_text("First sentence. Second one!\nThird line.\n\n\nNext document here.\n")
     sub = tmp_path / "dir" / "nested"
@@ -245,7 +213,7 @@ def test_read_corpus_formats_and_errors(tmp_path):
     (sub / "ignored.md").write_text("not read\n")
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text('{"text": "A json doc. With two sentences."}\n\n{"text": "Another."}\n')
-    docs = data.read_corpus([txt, tmp_path / "dir", jsonl])
+    docs = _texts([txt, tmp_path / "dir", jsonl])
     assert docs == [
         "First sentence. Second one!\nThird line.",
         "Next document here.",
@@ -256,31 +224,31 @@ def test_read_corpus_formats_and_errors(tmp_path):
     assert data.split_sentences(docs[0]) == ["First sentence.", "Second one!", "Third line."]
 
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        data.read_corpus(tmp_path / "missing.txt")
+        _texts(tmp_path / "missing.txt")
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n\n")
     with pytest.raises(data.CorpusError, match=r"empty\.txt: the file is empty"):
-        data.read_corpus(empty)
+        _texts(empty)
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"abc\x00\x01\x02")
-    with pytest.raises(data.CorpusError, match=r"blob\.txt: not a text file"):
-        data.read_corpus(binary)
+    with pytest.raises(data.CorpusError, match=r"blob\.txt:1: not a text file"):
+        _texts(binary)
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(data.CorpusError, match=r"latin\.txt: not UTF-8"):
-        data.read_corpus(latin)
+    with pytest.raises(data.CorpusError, match=r"latin\.txt:1: not UTF-8"):
+        _texts(latin)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": broken\n')
     with pytest.raises(data.CorpusError, match=r"bad\.jsonl:2: not valid JSON"):
-        data.read_corpus(bad)
+        _texts(bad)
     notext = tmp_path / "notext.jsonl"
     notext.write_text('{"body": "x"}\n')
     with pytest.raises(data.CorpusError, match=r'notext\.jsonl:1: .*"text"'):
-        data.read_corpus(notext)
+        _texts(notext)
     nodir = tmp_path / "nothing"
     nodir.mkdir()
     with pytest.raises(data.CorpusError, match=r"nothing: directory holds no \*\.txt"):
-        data.read_corpus(nodir)
+        _texts(nodir)
 
 
 @pytest.fixture(scope="module")
@@ -579,7 +547,7 @@ def test_pretrain_few_steps_writes_everything_and_restart_is_a_no_op(small_run_i
         assert (d / "tokenizer.json").is_file() and (d / "vocab.txt").is_file()
     # The exported model is the discriminator of the last checkpoint.
     state, extra = pretrain.restore_state(out)
-    assert int(state.step) == 6 and extra["data"]["drawn"] == 6
+    assert int(state.step) == 6 and extra["data"]["step"] == 6
     _, final_params = load_model_dir(out / "final")
     for a, b in zip(
         jax.tree.leaves(final_params), jax.tree.leaves(state.params["discriminator"]), strict=True

@@ -141,46 +141,33 @@ def _write_json(path: Path, obj) -> None:
         write_json_atomic(path, obj)
 
 
-def get_tokenizer(cfg: PretrainConfig, out_dir: Path, documents_fn):
-    """(tokenizer, its directory in out_dir, whether it was trained now)."""
+def get_tokenizer(data_dir: str, out_dir: Path):
+    """(tokenizer of the prepared `data_dir`, its copy in out_dir/tokenizer, whether the
+    preparation trained it)."""
+    from funnel_jax import loader, prepare
     from funnel_jax.tokenizer import FunnelTokenizer
 
+    src = loader.tokenizer_dir(data_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"--data {data_dir}: the tokenizer directory not found: {src}")
+    tok = FunnelTokenizer.from_pretrained(src)
     tok_dir = out_dir / "tokenizer"
-    if cfg.tokenizer or cfg.data_dir:
-        if cfg.data_dir:  # the tokenizer the prepared examples were made with
-            from funnel_jax import loader
+    if not (tok_dir / "tokenizer.json").is_file() and _is_main():
+        save_tokenizer_atomic(tok, tok_dir)
+    trained = prepare.read_manifest(data_dir).get("request", {}).get("train_vocab") is not None
+    return tok, tok_dir, trained
 
-            src = loader.tokenizer_dir(cfg.data_dir)
-        else:
-            src = Path(cfg.tokenizer)
-        if not src.is_dir():
-            flag = f"--data {cfg.data_dir}: the tokenizer" if cfg.data_dir else "--tokenizer"
-            raise FileNotFoundError(f"{flag} directory not found: {src}")
-        tok = FunnelTokenizer.from_pretrained(src)
-        if not (tok_dir / "tokenizer.json").is_file() and _is_main():
-            save_tokenizer_atomic(tok, tok_dir)
-        return tok, tok_dir, False
-    if (tok_dir / "tokenizer.json").is_file():
-        return FunnelTokenizer.from_pretrained(tok_dir), tok_dir, False
-    import jax
 
-    def train():
-        return FunnelTokenizer.train(
-            iter(documents_fn()), vocab_size=cfg.data.vocab_size, lowercase=cfg.data.lowercase
-        )
+def model_structure(cfg: PretrainConfig):
+    """The run's FunnelConfig before the tokenizer is known (vocab_size a placeholder when
+    unset): what the data preparation needs (data.truncation_stride)."""
+    from funnel_jax.config import FunnelConfig
 
-    if jax.process_count() > 1:
-        # Training a vocabulary is not bit-reproducible (tokenizers' trainer): process 0 trains
-        # it, the others wait and read the same files (a shared output directory).
-        from jax.experimental import multihost_utils
-
-        if _is_main():
-            save_tokenizer_atomic(train(), tok_dir)
-        multihost_utils.sync_global_devices("funnel_jax tokenizer")
-        return FunnelTokenizer.from_pretrained(tok_dir), tok_dir, True
-    tok = train()
-    save_tokenizer_atomic(tok, tok_dir)
-    return tok, tok_dir, True
+    fields = dict(cfg.model)
+    fields.setdefault("vocab_size", None)
+    if fields["vocab_size"] is None:
+        fields["vocab_size"] = 1
+    return FunnelConfig.from_dict(fields)
 
 
 def resolve_settings(cfg: PretrainConfig, tok):
@@ -393,13 +380,12 @@ def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dic
     import jax
     import numpy as np
 
-    from funnel_jax import data as data_lib
     from funnel_jax import sharding
     from funnel_jax.checkpoint import TrainCheckpointer, save_model_dir
     from funnel_jax.electra import evaluate
     from funnel_jax.train_state import abstract_train_state
     from funnel_jax.training.loop import Hook, Loop, fit, mesh_context
-    from funnel_jax.training.pretrain_data import build_pretrain_data
+    from funnel_jax.training.pretrain_data import build_prepared_data, prepare_run_data
 
     is_main = jax.process_index() == 0
     stopper.verbose = is_main
@@ -408,14 +394,14 @@ def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dic
     if stop_at < 0:
         raise ConfigError(f"--stop-after must be >= 0, got {stop_after}")
 
-    @functools.lru_cache(maxsize=1)
-    def documents():
-        return data_lib.read_corpus(list(cfg.corpus)) if cfg.corpus else data_lib.stdlib_corpus()
-
-    tok, tok_dir, trained = get_tokenizer(cfg, out_dir, documents)
+    # One data path for every corpus: prepared shards read by the loader (pretrain_data.py).
+    data_dir = prepare_run_data(cfg, out_dir, model_structure(cfg), progress=progress)
+    tok, tok_dir, trained = get_tokenizer(data_dir, out_dir)
     model_cfg = resolve_settings(cfg, tok)[0]
     pi, pc = jax.process_index(), jax.process_count()
-    train_data, eval_batches = build_pretrain_data(cfg, tok, model_cfg, documents, pi, pc)
+    train_data, eval_batches = build_prepared_data(
+        cfg.replace(data_dir=data_dir), model_cfg, pi, pc
+    )
 
     # Device mesh: none on a single device (plain jit); otherwise params, optimizer state and
     # batches are sharded by the logical-axis rules (funnel_jax/sharding.py), and every traced
