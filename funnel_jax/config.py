@@ -18,7 +18,14 @@ POOLING_TYPES = ("mean", "max")
 ATTENTION_TYPES = ("relative_shift", "factorized")
 HIDDEN_ACTS = ("gelu_new", "gelu", "gelu_fast", "gelu_python", "relu", "silu", "swish", "tanh")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_scores")
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots",
+    "dots_no_batch",
+    "attention_scores",
+    "dots_no_batch_probs",
+)
 ATTENTION_IMPLS = ("einsum", "fused_bias")
 
 

@@ -111,6 +111,12 @@ class LayerNorm(nn.Module):
 # --- embeddings ----------------------------------------------------------------------------
 
 
+def tied_table(embedding: Array, dtype: Dtype) -> Array:
+    """An embedding table [V, D] cast to `dtype` for one use, with the table's logical sharding
+    ("vocab", "embed") on the cast value, hence on that use's cotangent."""
+    return nn.with_logical_constraint(embedding.astype(dtype), ("vocab", "embed"))
+
+
 class WordEmbeddings(nn.Module):
     """Token embedding table [V, D]; `attend` gives the tied output projection."""
 
@@ -134,9 +140,15 @@ class WordEmbeddings(nn.Module):
             self.param_dtype,
         )
 
+    def table(self) -> Array:
+        """The table [V, D] in the compute dtype, constrained to its own sharding so that under
+        FSDP each use's gradient is reduce-scattered to the shards rather than all-reduced whole
+        (the transpose of a sharding constraint constrains the cotangent)."""
+        return tied_table(self.embedding, self.dtype)
+
     def __call__(self, input_ids: Array) -> Array:
         """[B, L] int -> [B, L, D]."""
-        table = self.embedding.astype(self.dtype)
+        table = self.table()
         if self.config.one_hot_embeddings:
             one_hot = jax.nn.one_hot(input_ids, self.config.vocab_size, dtype=self.dtype)
             x = jnp.einsum("BLV,VD->BLD", one_hot, table)
@@ -150,7 +162,7 @@ class WordEmbeddings(nn.Module):
 
     def attend(self, x: Array) -> Array:
         """[B, L, D] -> [B, L, V] logits against the embedding table."""
-        return matmul_last(x, self.embedding.astype(self.dtype).T, 1)
+        return matmul_last(x, self.table().T, 1)
 
 
 class FunnelEmbeddings(nn.Module):
@@ -441,6 +453,13 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "attention_scores": jax.checkpoint_policies.save_only_these_names("attention_probs"),
+    # The weight matmuls' outputs and the attention probabilities (bf16 under bf16 compute) are
+    # kept; layer norms, activations, dropout masks (their random bits) and the score matmuls
+    # are recomputed in the backward pass.
+    "dots_no_batch_probs": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names("attention_probs"),
+    ),
 }
 
 
@@ -466,7 +485,14 @@ def layer_class(config: FunnelConfig):
     if config.remat_policy == "none":
         return FunnelLayer
     # Arguments after self: query, key_value, inputs, deterministic, output_attentions.
-    return nn.remat(FunnelLayer, policy=REMAT_POLICIES[config.remat_policy], static_argnums=(4, 5))
+    # Inside nn.scan the loop already keeps XLA from merging the recomputation with the forward
+    # (jax.checkpoint's docs), so prevent_cse, which costs fusion opportunities, is off there.
+    return nn.remat(
+        FunnelLayer,
+        policy=REMAT_POLICIES[config.remat_policy],
+        static_argnums=(4, 5),
+        prevent_cse=not config.scan_layers,
+    )
 
 
 def scan_layers(

@@ -140,14 +140,24 @@ def make_train_step(
         metrics = jax.tree.map(lambda m: m * scale, m_sum)
         return loss_sum * scale, metrics, grads
 
+    # An optax chain (GradientTransformationExtraArgs) takes the step's gradient norm as the
+    # extra argument `grad_norm` (optim.clip_by_global_norm reads it), so it is computed once.
+    norm_kwarg = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+
+    def update(grads, opt_state, params, grad_norm):
+        kwargs = {"grad_norm": grad_norm} if norm_kwarg else {}
+        updates, new_opt_state = optimizer.update(grads, opt_state, params, **kwargs)
+        return optax.apply_updates(params, updates), new_opt_state
+
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, step_rng = jax.random.split(state.rng)
         loss, metrics, grads = compute_grads(state.params, batch, step_rng)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_params, new_opt_state = update(grads, state.opt_state, state.params, grad_norm)
         if skip_nonfinite:
+            # A select per leaf: XLA fuses it into the leaf's update kernel (a lax.cond over the
+            # update instead gave no fewer kernels and 0.26 GiB more temporaries; BENCHMARKS.md).
             new_params = _tree_where(ok, new_params, state.params)
             new_opt_state = _tree_where(ok, new_opt_state, state.opt_state)
         metrics = dict(metrics)

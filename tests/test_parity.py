@@ -172,6 +172,11 @@ HEADS = [
     ("FunnelForMaskedLM", dict(remat_policy="attention_scores", one_hot_embeddings=True), None),
     ("FunnelForSequenceClassification", dict(remat_policy="dots_no_batch"), None),
     ("FunnelForPreTraining", dict(scan_layers=True, block_sizes=[3, 2, 2]), None),
+    (  # what configs/models/large.json ships
+        "FunnelForPreTraining",
+        dict(scan_layers=True, remat_policy="dots_no_batch_probs", block_sizes=[3, 2, 2]),
+        None,
+    ),
     (
         "FunnelForTokenClassification",
         dict(scan_layers=True, remat_policy="dots", block_repeats=[2, 1, 2]),
