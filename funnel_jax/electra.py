@@ -60,7 +60,6 @@ from funnel_jax.layers import (
     WordEmbeddings,
     dense,
     matmul_last,
-    tied_table,
     zeros_init,
 )
 from funnel_jax.models import FunnelForMaskedLM, FunnelForPreTraining, FunnelModel, init_params
@@ -284,7 +283,7 @@ class FunnelGenerator(nn.Module):
         h = ACTIVATIONS[cfg.hidden_act](h)
         h = LayerNorm(cfg.layer_norm_eps, name="lm_layer_norm", **kw)(h)
         bias = self.param("lm_bias", zeros_init(("vocab",)), (cfg.vocab_size,), self.param_dtype)
-        logits = matmul_last(h, tied_table(table, self.dtype).T, 1) + bias.astype(self.dtype)
+        logits = matmul_last(h, table.astype(self.dtype).T, 1) + bias.astype(self.dtype)
         return logits.astype(jnp.float32)
 
 

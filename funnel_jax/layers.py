@@ -111,12 +111,6 @@ class LayerNorm(nn.Module):
 # --- embeddings ----------------------------------------------------------------------------
 
 
-def tied_table(embedding: Array, dtype: Dtype) -> Array:
-    """An embedding table [V, D] cast to `dtype` for one use, with the table's logical sharding
-    ("vocab", "embed") on the cast value, hence on that use's cotangent."""
-    return nn.with_logical_constraint(embedding.astype(dtype), ("vocab", "embed"))
-
-
 class WordEmbeddings(nn.Module):
     """Token embedding table [V, D]; `attend` gives the tied output projection."""
 
@@ -140,15 +134,9 @@ class WordEmbeddings(nn.Module):
             self.param_dtype,
         )
 
-    def table(self) -> Array:
-        """The table [V, D] in the compute dtype, constrained to its own sharding so that under
-        FSDP each use's gradient is reduce-scattered to the shards rather than all-reduced whole
-        (the transpose of a sharding constraint constrains the cotangent)."""
-        return tied_table(self.embedding, self.dtype)
-
     def __call__(self, input_ids: Array) -> Array:
         """[B, L] int -> [B, L, D]."""
-        table = self.table()
+        table = self.embedding.astype(self.dtype)
         if self.config.one_hot_embeddings:
             one_hot = jax.nn.one_hot(input_ids, self.config.vocab_size, dtype=self.dtype)
             x = jnp.einsum("BLV,VD->BLD", one_hot, table)
@@ -162,7 +150,7 @@ class WordEmbeddings(nn.Module):
 
     def attend(self, x: Array) -> Array:
         """[B, L, D] -> [B, L, V] logits against the embedding table."""
-        return matmul_last(x, self.table().T, 1)
+        return matmul_last(x, self.embedding.astype(self.dtype).T, 1)
 
 
 class FunnelEmbeddings(nn.Module):
