@@ -14,6 +14,11 @@ the variables this is `python -m experiments.pretrain`.
 
 instead holds the write of the `extra` item of the first save of a step >= N inside Orbax's
 commit (the background thread of an async save, so the training steps go on meanwhile).
+
+    FUNNEL_TEST_PREPARE_MARKER=/path/marker FUNNEL_TEST_SAVE_SLEEP=60 ...
+
+holds the preparation of `--corpus` (into `<output-dir>/.data.partial`) at its first packed
+chunk, after writing the marker file.
 """
 
 from __future__ import annotations
@@ -57,8 +62,26 @@ def _install_async_hold() -> None:
     ocp.JsonCheckpointHandler._save_fn = held_save_fn
 
 
+def _install_prepare_hold() -> None:
+    marker = os.environ.get("FUNNEL_TEST_PREPARE_MARKER")
+    if marker is None:
+        return
+    from funnel_jax import prepare
+
+    pause = float(os.environ.get("FUNNEL_TEST_SAVE_SLEEP", "30"))
+    encode = prepare.encode_examples
+
+    def held_encode(*args, **kwargs):
+        Path(marker).write_text("preparing\n")
+        time.sleep(pause)
+        return encode(*args, **kwargs)
+
+    prepare.encode_examples = held_encode
+
+
 def _install_hook() -> None:
     _install_async_hold()
+    _install_prepare_hold()
     first = os.environ.get("FUNNEL_TEST_SAVE_STEP")
     if first is None:
         return

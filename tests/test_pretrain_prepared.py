@@ -150,3 +150,53 @@ def test_a_corrupt_manifest_is_an_error_line_not_a_traceback(prepared, tmp_path,
     assert pretrain.main(_args(bad, tmp_path / "out", "--steps", "2")) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "manifest.json: not a JSON manifest" in err, err
+
+
+def test_two_fresh_default_runs_end_bit_identical(tmp_path):
+    """The embedded default (no corpus, no tokenizer): two runs of the same command and seed,
+    each in its own process (other hash seeds), fresh cache and fresh output directory, prepare
+    byte-identical data (vocabulary trained) and end with bit-identical parameters."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from funnel_jax.checkpoint import load_model_dir
+
+    root = Path(__file__).resolve().parents[1]
+    args = [
+        "--steps", "3", "--seq-len", str(SEQ_LEN), "--batch-size", "8", "--seed", "5",
+        "--no-progress", "--compile-cache", str(tmp_path / "xla"),
+        "--set", *MODEL_SET, "data.eval_batches=1", "optimizer.warmup_steps=1",
+    ]  # fmt: skip
+    for name, hash_seed in (("a", "1"), ("b", "2")):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(
+            FUNNEL_JAX_CACHE=str(tmp_path / f"cache_{name}"),
+            PYTHONHASHSEED=hash_seed,
+            FUNNEL_JAX_NO_JEMALLOC="1",
+            JAX_PLATFORMS="cpu",
+        )
+        out = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "-m", "experiments.pretrain", *args, "--output-dir", str(out)],
+            cwd=root, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    [data_a] = (tmp_path / "cache_a").glob("stdlib-*/data")
+    [data_b] = (tmp_path / "cache_b").glob("stdlib-*/data")
+    assert data_a.parent.name == data_b.parent.name  # the same cache key
+    files_a = sorted(p.relative_to(data_a) for p in data_a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(data_b) for p in data_b.rglob("*") if p.is_file())
+    assert files_a == files_b and Path("tokenizer/vocab.txt") in files_a
+    for rel in files_a:
+        if rel.name != "manifest.json":  # holds the corpus path and the preparation time
+            assert (data_a / rel).read_bytes() == (data_b / rel).read_bytes(), rel
+    assert read_manifest(data_a)["splits"] == read_manifest(data_b)["splits"]
+    _, params_a = load_model_dir(tmp_path / "a" / "final")
+    _, params_b = load_model_dir(tmp_path / "b" / "final")
+    leaves_a = jax.tree_util.tree_leaves_with_path(params_a)
+    leaves_b = jax.tree_util.tree_leaves_with_path(params_b)
+    assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)

@@ -181,6 +181,15 @@ def test_sigkill_and_sigterm_at_random_moments_resume_bit_identically(inputs, tm
     assert ref.returncode == 0, ref.stdout + ref.stderr
     args = _args(inputs, split, *steps)
 
+    # 0. SIGKILL while --corpus is being prepared into split/data (the hook holds the packing).
+    marker0 = tmp_path / "in_prepare"
+    proc = _start(args, log, FUNNEL_TEST_PREPARE_MARKER=str(marker0), FUNNEL_TEST_SAVE_SLEEP="60")
+    wait_for(proc, marker0.exists, log)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    assert (split / ".data.partial").is_dir() and not (split / "data").exists()
+    assert not (split / "checkpoints").is_dir() or not _complete_steps(split)
+
     # 1. SIGKILL at a random step after the first checkpoint (step 5) is complete (saves are
     # async: the steps after 5 run while it is written; Orbax renames it to "5" when complete).
     k1 = rng.randint(6, 9)
@@ -436,8 +445,13 @@ def test_output_dir_that_cannot_be_created(inputs, tmp_path, capsys):
     [
         ("missing.txt", None, FileNotFoundError, r"corpus path not found: .*missing\.txt"),
         ("empty.txt", b"  \n\n", data.CorpusError, r"empty\.txt: the file is empty"),
-        ("binary.txt", b"PK\x03\x04\x00\x00abc", data.CorpusError, r"binary\.txt: not a text"),
-        ("latin1.txt", "caf\xe9 ol\xe9\n".encode("latin-1"), data.CorpusError, r"not UTF-8"),
+        ("binary.txt", b"PK\x03\x04\x00\x00abc", data.CorpusError, r"binary\.txt:1: not a text"),
+        (
+            "latin1.txt",
+            "caf\xe9 ol\xe9\n".encode("latin-1"),
+            data.CorpusError,
+            r"latin1\.txt:1: not UTF-8",
+        ),
         (
             "bad.jsonl",
             b'{"text": "fine"}\n{"text": "cut\n',

@@ -104,13 +104,19 @@ class PretrainDataConfig:
     random_next_prob: float = 0.5
     eval_fraction: float = 0.05  # documents held out for evaluation
     eval_batches: int = 8
-    # Data shards (None: one per process). Global batches depend only on this number, so a
-    # run with num_shards=N gives the same batches on 1 process or on any divisor of N.
+    # Train shards of the prepared data (--corpus and the default; None: 1). The batches do
+    # not depend on the number of processes.
     num_shards: int | None = None
+    # Worker processes that pack --corpus (0: the training process); the prepared files do
+    # not depend on it.
+    prepare_workers: int = restart_field(0)
 
     def check(self) -> None:
         for key in ("seq_len", "batch_size", "vocab_size", "eval_batches"):
             _positive_int(getattr(self, key), f"data.{key}")
+        w = self.prepare_workers
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ConfigError(f"data.prepare_workers must be an integer >= 0, got {w!r}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
 

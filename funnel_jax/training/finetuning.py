@@ -404,15 +404,32 @@ def _config_changes(task, settings) -> dict:
     return changes
 
 
-def build_model(task, settings, source: FinetuneModelConfig, tokenizer, trained_vocab: bool, rng):
-    """(module, params, description). The head is fresh unless the init dir holds this task's
-    head with the same labels."""
+def _load_on_host(model_dir: Path, cls):
+    """(module, params as numpy) of a model directory, read without any device holding the
+    parameters (Orbax: straight into numpy; other formats: converted on the CPU backend)."""
     import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from funnel_jax import checkpoint, from_pretrained
+
+    if checkpoint.is_orbax_model_dir(model_dir):
+        return checkpoint.load_model_dir(model_dir, model_class=cls, dtype=jnp.float32, host=True)
+    with checkpoint.host_device():
+        module, params = from_pretrained(model_dir, model_class=cls, dtype=jnp.float32)
+    return module, jax.tree.map(np.asarray, params)
+
+
+def build_model(task, settings, source: FinetuneModelConfig, tokenizer, trained_vocab: bool):
+    """(module, host params, description). host params: the numpy parameters read from --init
+    (all of them when the init dir holds this task's head with the same labels, else the
+    backbone under "funnel"; None from scratch); `place_params` puts them onto the devices and
+    initialises the rest."""
     import jax.numpy as jnp
     from flax.traverse_util import flatten_dict
 
-    from funnel_jax import from_pretrained, weights
-    from funnel_jax.models import MODEL_CLASSES, abstract_params, init_params
+    from funnel_jax import weights
+    from funnel_jax.models import MODEL_CLASSES, abstract_params
 
     dtype = jnp.bfloat16 if settings["dtype"] == "bfloat16" else jnp.float32
     cls = MODEL_CLASSES[task.model_class]
@@ -426,8 +443,7 @@ def build_model(task, settings, source: FinetuneModelConfig, tokenizer, trained_
             config = config.replace(vocab_size=len(tokenizer))
         config = config.replace(architectures=None, **changes)
         module = cls(config=config, dtype=dtype, param_dtype=jnp.float32)
-        params = jax.jit(lambda k: init_params(module, k))(rng)
-        return module, params, f"from scratch ({source.model_config})"
+        return module, None, f"from scratch ({source.model_config})"
 
     model_dir, _ = resolve_init(source.init)
     saved = weights.load_config(model_dir)
@@ -438,33 +454,80 @@ def build_model(task, settings, source: FinetuneModelConfig, tokenizer, trained_
         and dict(saved.id2label) == dict(changes["id2label"])
     )
     if same_head:
-        loaded, params = from_pretrained(model_dir, model_class=cls, dtype=jnp.float32)
+        loaded, host = _load_on_host(model_dir, cls)
         config = loaded.config.replace(**changes)
         module = cls(config=config, dtype=dtype, param_dtype=jnp.float32)
-        return module, params, f"{model_dir} ({saved_arch}, head included)"
+        return module, host, f"{model_dir} ({saved_arch}, head included)"
 
     backbone = BACKBONE[task.model_class]
     try:
-        loaded, backbone_params = from_pretrained(
-            model_dir, model_class=backbone, dtype=jnp.float32
-        )
+        loaded, backbone_host = _load_on_host(model_dir, backbone)
     except weights.WeightsError as e:
         raise weights.WeightsError(
             f"--init {model_dir}: cannot load a {backbone} backbone for {task.model_class} ({e})"
         ) from None
     config = loaded.config.replace(architectures=None, **changes)
     module = cls(config=config, dtype=dtype, param_dtype=jnp.float32)
-    params = {"funnel": backbone_params, **init_head(module, rng)}
     want = {p: tuple(v.shape) for p, v in flatten_dict(abstract_params(module)).items()}
-    have = {p: tuple(v.shape) for p, v in flatten_dict(params).items()}
-    if want != have:
-        diff = sorted(set(want.items()) ^ set(have.items()))
+    have = {("funnel", *p): tuple(v.shape) for p, v in flatten_dict(backbone_host).items()}
+    head = {p: s for p, s in want.items() if p[0] != "funnel"}
+    if want != {**have, **head}:
+        diff = sorted(set(want.items()) ^ set({**have, **head}.items()))
         raise weights.WeightsError(
             f"--init {model_dir}: the parameters do not fit {task.model_class}: {diff[:5]}"
         )
-    fresh = sorted("/".join(p) for p in flatten_dict(params) if p[0] != "funnel")
-    logger.warning("newly initialised head parameters: %s", ", ".join(fresh))
-    return module, params, f"{model_dir} ({saved_arch} backbone as {backbone}; fresh head)"
+    logger.warning("newly initialised head parameters: %s", ", ".join(sorted(map("/".join, head))))
+    return (
+        module,
+        {"funnel": backbone_host},
+        f"{model_dir} ({saved_arch} backbone as {backbone}; fresh head)",
+    )
+
+
+def place_params(module, host, rng, mesh):
+    """The parameters on the devices: on a mesh each leaf read from `host` (numpy) goes
+    straight into its sharding by the logical-axis rules, one shard at a time
+    (`jax.make_array_from_callback`: no device ever holds a full sharded leaf), and the
+    parameters not in `host` (the fresh head, or all of them from scratch) are initialised by
+    a jit with those out_shardings; without a mesh all of them go to device 0."""
+    import jax
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from funnel_jax import sharding
+    from funnel_jax.models import abstract_params, init_params
+    from funnel_jax.training.loop import mesh_context
+
+    if host is not None and set(host) == set(abstract_params(module)):
+        fresh_fn = None
+    elif host is None:
+        fresh_fn = lambda k: init_params(module, k)  # noqa: E731
+    else:
+        fresh_fn = lambda k: init_head(module, k)  # noqa: E731
+    if mesh is None:
+        device = jax.devices()[0]
+        out = {} if host is None else dict(jax.device_put(host, device))
+        if fresh_fn is not None:
+            out.update(jax.device_put(jax.jit(fresh_fn)(rng), device))
+        return out
+    # The rules' shardings; a leaf whose size does not divide (e.g. a trained vocabulary of
+    # 83 rows over tensor=2) is replicated, as the TrainState's shardings have it.
+    param_sh = sharding.tree_shardings_like_params(
+        abstract_params(module), sharding.param_shardings(module, mesh), mesh
+    )
+    out = {}
+    if host is not None:
+        sh = flatten_dict(param_sh)
+        placed = {
+            p: jax.make_array_from_callback(x.shape, sh[p], lambda idx, x=x: x[idx])
+            for p, x in flatten_dict(host).items()
+        }
+        out.update(unflatten_dict(placed))
+    if fresh_fn is not None:
+        fresh_sh = jax.eval_shape(fresh_fn, rng)
+        fresh_sh = {k: param_sh[k] for k in fresh_sh}
+        with mesh_context(mesh):
+            out.update(jax.jit(fresh_fn, out_shardings=fresh_sh)(rng))
+    return out
 
 
 # --------------------------------------------------------------------------- training helpers
@@ -480,8 +543,9 @@ def _pad_rows(arrays: dict, n: int) -> dict:
     return {k: np.concatenate([v, np.repeat(v[-1:], n - have, axis=0)]) for k, v in arrays.items()}
 
 
-def predict(eval_fn, params, features, batch_size: int) -> dict:
-    """Run the model over all features (the last batch padded); task outputs as numpy."""
+def predict(eval_fn, params, features, batch_size: int, put=None) -> dict:
+    """Run the model over all features (the last batch padded); task outputs as numpy.
+    `put`: host batch -> device (default: as it is); every process passes every feature."""
     import jax
     import numpy as np
 
@@ -491,7 +555,8 @@ def predict(eval_fn, params, features, batch_size: int) -> dict:
     for start in range(0, n, batch_size):
         batch = {k: v[start : start + batch_size] for k, v in inputs.items()}
         real = next(iter(batch.values())).shape[0]
-        out = jax.device_get(eval_fn(params, _pad_rows(batch, batch_size)))
+        batch = _pad_rows(batch, batch_size)
+        out = jax.device_get(eval_fn(params, batch if put is None else put(batch)))
         for k, v in out.items():
             chunks.setdefault(k, []).append(np.asarray(v)[:real])
     return {k: np.concatenate(v) for k, v in chunks.items()}
@@ -505,10 +570,11 @@ def _is_better(value: float, best: float | None) -> bool:
     return best != best or value > best
 
 
-def _prepare_output_dir(out_dir: Path, overwrite: bool) -> dict | None:
+def _prepare_output_dir(out_dir: Path, overwrite: bool, remove: bool = True) -> dict | None:
     """Check that OUTPUT_DIR can be written. Returns the train_config.json of an earlier run in
     it (to resume or to leave as it is, if the settings match), or None for a fresh start; with
-    `overwrite` the outputs of an earlier run are removed first."""
+    `overwrite` the outputs of an earlier run are removed first (only where `remove`: process 0
+    of several)."""
     from funnel_jax import validation
 
     validation.check_output_dir(out_dir)  # created, and writable
@@ -523,6 +589,8 @@ def _prepare_output_dir(out_dir: Path, overwrite: bool) -> dict | None:
                 f"{out_dir} holds an earlier run ({', '.join(p.name for p in stale)}) without its "
                 "train_config.json; use another --output-dir or --overwrite-output-dir"
             )
+    if not remove:
+        return None
     for p in stale:
         shutil.rmtree(p)
     for pattern in ("predictions*", "null_odds*", "eval_results.json", "train_config.json"):
@@ -611,9 +679,10 @@ class _PutBatch:
 
 
 def _create_state(module, params, tx, rng, mesh, batch_size):
-    """(TrainState, its shardings or None, put_batch). On a mesh the state is created by a
-    jit whose out_shardings come from the logical-axis rules (the optimizer state is born
-    sharded); without one it is committed to device 0 like a restored state."""
+    """(TrainState, its shardings or None, put_batch). `params`: placed by `place_params`. On
+    a mesh the state is created by a jit whose out_shardings come from the logical-axis rules
+    (the optimizer state is born sharded); without one it is committed to device 0 like a
+    restored state."""
     import jax
 
     from funnel_jax import sharding
@@ -625,6 +694,10 @@ def _create_state(module, params, tx, rng, mesh, batch_size):
         state = TrainState.create(params, tx, rng)
         return jax.device_put(state, jax.devices()[0]), None, put_batch
     sharding.check_divisible(batch_size, mesh)
+    if batch_size % jax.process_count():
+        raise ConfigError(
+            f"batch-size {batch_size} is not divisible by the {jax.process_count()} processes"
+        )
 
     def create(p, r):
         return TrainState.create(p, tx, r)
@@ -635,21 +708,69 @@ def _create_state(module, params, tx, rng, mesh, batch_size):
     )
     with mesh_context(mesh):
         state = jax.jit(create, out_shardings=state_sh)(params, rng)
-    print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices")
+    if jax.process_index() == 0:
+        print(
+            f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
+            f"{jax.process_count()} process(es)"
+        )
     return state, state_sh, put_batch
 
 
-def _epoch_batches(arrays: dict, n: int, seed: int, start_step: int, steps_per_epoch: int, bs: int):
-    """The training batches from `start_step` on: each epoch a new shuffled order."""
+class _PutEvalBatch:
+    """An evaluation batch (every process holds all of its rows) -> a global array split over
+    (data, fsdp), each device given only its rows."""
+
+    def __init__(self, mesh):
+        from funnel_jax import sharding
+
+        self.sharding = sharding.batch_sharding(mesh)
+
+    def __call__(self, batch):
+        import jax
+
+        return {
+            k: jax.make_array_from_callback(v.shape, self.sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()
+        }
+
+
+def _epoch_batches(
+    arrays: dict,
+    n: int,
+    seed: int,
+    start_step: int,
+    steps_per_epoch: int,
+    bs: int,
+    process: tuple[int, int] = (0, 1),
+):
+    """The training batches from `start_step` on: each epoch a new shuffled order. With
+    `process` = (index, count) of several, this process's rows of each global batch of `bs`
+    (the index-th of `count` equal slices, in process order, as sharding.shard_batch takes)."""
+    index, count = process
+    local = bs // count
     step, order_epoch, order = start_step, None, None
     while True:
         epoch, batch_index = divmod(step, steps_per_epoch)
         if order_epoch != epoch:
             order = _epoch_order(seed, epoch, n, bs)
             order_epoch = epoch
-        idx = order[batch_index * bs : (batch_index + 1) * bs]
+        idx = order[batch_index * bs : (batch_index + 1) * bs][index * local : (index + 1) * local]
         yield {k: v[idx] for k, v in arrays.items()}
         step += 1
+
+
+def _processes() -> tuple[int, int]:
+    """(this process's index, the number of processes): (0, 1) unless jax.distributed runs."""
+    jax = sys.modules.get("jax")
+    return (0, 1) if jax is None else (jax.process_index(), jax.process_count())
+
+
+def _barrier(name: str) -> None:
+    """Wait for every process (a no-op on one)."""
+    if _processes()[1] > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"funnel_jax finetune: {name}")
 
 
 # --------------------------------------------------------------------------- run
@@ -747,18 +868,28 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
     if hasattr(task, "info"):
         run_key.update(task.info())
 
-    saved_info = _prepare_output_dir(out_dir, cfg.overwrite_output_dir)
+    # Several processes (jax.distributed initialised before): every process reads all data,
+    # trains on its rows of each batch and evaluates all of it (the same results); process 0
+    # alone writes the logs and outputs; all take part in the checkpoint saves.
+    process_index, process_count = _processes()
+    is_main = process_index == 0
+    say = print if is_main else (lambda *a, **k: None)
+    if hasattr(stopper, "verbose"):
+        stopper.verbose = is_main
+    saved_info = _prepare_output_dir(out_dir, cfg.overwrite_output_dir, remove=is_main)
     _check_same_run(out_dir, saved_info, run_key)
     resuming = saved_info is not None
-    if resuming and _is_finished(out_dir):
+    finished = resuming and _is_finished(out_dir)
+    _barrier("output dir read")  # by every process before process 0 writes into it
+    if finished:
         results = load_json_object(out_dir / "eval_results.json")
         shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
-        print(
+        say(
             f"{out_dir}: this run has already finished; nothing to do ({shown}; model in "
             f"{out_dir / 'best_model'})"
         )
         return results
-    if stopper.requested:
+    if process_count == 1 and stopper.requested:  # (several: they agree at should_stop)
         print(f"{stopper.signal_name} received before training: stopped (nothing to save)")
         return {"stopped_at": None, "output_dir": str(out_dir), "signal": stopper.signal_name}
 
@@ -775,18 +906,28 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
     # 2. Tokenizer and model.
     tok_dir = out_dir / "tokenizer"
     init_candidates = resolve_init(source.init)[1] if source.init else []
-    tokenizer, tok_source = load_tokenizer(
-        source,
-        init_candidates,
-        lambda: task.texts(train_examples),
-        settings["vocab_size"],
-        saved=tok_dir if resuming else None,
-    )
     trained_vocab = not source.tokenizer and not source.init
+
+    def get_tokenizer(saved):
+        return load_tokenizer(
+            source, init_candidates, lambda: task.texts(train_examples), settings["vocab_size"],
+            saved=saved,
+        )  # fmt: skip
+
+    if trained_vocab and process_count > 1:  # trained once, by process 0, read by the others
+        if is_main:
+            tokenizer, tok_source = get_tokenizer(tok_dir if resuming else None)
+            if not _has_tokenizer(tok_dir):
+                save_tokenizer_atomic(tokenizer, tok_dir)
+        _barrier("tokenizer trained")
+        if not is_main:
+            tokenizer, tok_source = get_tokenizer(tok_dir)
+    else:
+        tokenizer, tok_source = get_tokenizer(tok_dir if resuming else None)
     rng = jax.random.PRNGKey(settings["seed"])
     init_rng, state_rng = jax.random.split(rng)
-    module, params, model_source = build_model(
-        task, settings, source, tokenizer, trained_vocab, init_rng
+    module, host_params, model_source = build_model(
+        task, settings, source, tokenizer, trained_vocab
     )
     config = module.config
     if len(tokenizer) > config.vocab_size:
@@ -832,12 +973,21 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
         },
     }
     _check_same_run(out_dir, saved_info, train_info)
-    if not resuming or not _has_tokenizer(tok_dir):
+    if (
+        is_main
+        and (not resuming or not _has_tokenizer(tok_dir))
+        and not (trained_vocab and process_count > 1)
+    ):
         save_tokenizer_atomic(tokenizer, tok_dir)
-    write_json_atomic(out_dir / "train_config.json", train_info)
+    if is_main:
+        write_json_atomic(out_dir / "train_config.json", train_info)
+    # The parameters on the devices: on a mesh shard by shard (place_params).
+    mesh = _make_mesh(cfg.mesh)
+    params = place_params(module, host_params, init_rng, mesh)
+    del host_params
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
     eval_sizes = ", ".join(f"{k or 'dev'} {len(v)}" for k, v in eval_examples.items())
-    print(
+    say(
         f"{task.describe()}: {len(train_examples)} train examples ({n_train} features), "
         f"{eval_sizes}; "
         f"model {model_source}, {n_params:,} parameters; tokenizer {tok_source}; "
@@ -854,15 +1004,26 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
         )
         return out.loss, {}
 
-    @jax.jit
-    def eval_fn(p, inputs):
+    def eval_outputs(p, inputs):
         out = module.apply({"params": p}, **inputs, deterministic=True)
         return task.outputs(out)
+
+    if mesh is None:
+        eval_fn, put_eval = jax.jit(eval_outputs), None
+    else:  # inputs split over (data, fsdp), outputs gathered whole onto every device
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        eval_fn = jax.jit(eval_outputs, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        put_eval = _PutEvalBatch(mesh)
+        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        eval_bs = -(-eval_bs // ways) * ways  # padded rows are dropped from the outputs
 
     # 5. Evaluation and best-checkpoint bookkeeping. checkpoints/ holds the best parameters;
     # after each training checkpoint only the best of that checkpoint's bookkeeping is kept
     # there, so a restart always finds it (newer ones are made again by the replayed steps).
-    preemption.remove_leftovers(out_dir, subdirs=("checkpoints", TRAIN_CHECKPOINTS))
+    if is_main:
+        preemption.remove_leftovers(out_dir, subdirs=("checkpoints", TRAIN_CHECKPOINTS))
+    _barrier("leftovers removed")
     best_ckpt = TrainCheckpointer(out_dir / "checkpoints", keep=None)
     history_path = out_dir / "eval_history.jsonl"
     best: dict[str, Any] = {"value": None, "metrics": None, "step": None, "epoch": None}
@@ -878,7 +1039,8 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
         t0 = time.time()
         all_metrics, all_preds = {}, {}
         for name, feats in eval_feats.items():
-            outputs = predict(eval_fn, p, feats, eval_bs)
+            with mesh_context(mesh):
+                outputs = predict(eval_fn, p, feats, eval_bs, put_eval)
             scores, preds = task.evaluate(eval_examples[name], feats, outputs)
             suffix = f"_{name}" if name else ""
             all_metrics.update({f"{k}{suffix}": float(v) for k, v in scores.items()})
@@ -890,18 +1052,20 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
             )
         value = all_metrics[metric_name]
         improved = _is_better(value, best["value"])
-        with open(history_path, "a", encoding="utf-8") as f:
-            row = {"step": step, "epoch": round(epoch, 4), **all_metrics}
-            f.write(json.dumps(row) + "\n")
-        if improved:
+        if is_main:
+            with open(history_path, "a", encoding="utf-8") as f:
+                row = {"step": step, "epoch": round(epoch, 4), **all_metrics}
+                f.write(json.dumps(row) + "\n")
+        if improved:  # every process saves (its shards), process 0 writes the files
             best_ckpt.save(step, p, extra={"step": step, "epoch": epoch, metric_name: value})
             best.update(value=value, metrics=all_metrics, step=step, epoch=epoch)
-            for name, preds in all_preds.items():
-                stem = out_dir / (f"predictions_{name}" if name else "predictions")
-                task.write_predictions(stem, eval_examples[name], preds)
-            write_json_atomic(out_dir / "eval_results.json", all_metrics)
+            if is_main:
+                for name, preds in all_preds.items():
+                    stem = out_dir / (f"predictions_{name}" if name else "predictions")
+                    task.write_predictions(stem, eval_examples[name], preds)
+                write_json_atomic(out_dir / "eval_results.json", all_metrics)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in all_metrics.items() if not k.endswith("total"))
-        print(
+        say(
             f"eval step {step} (epoch {epoch:.2f}): {shown}"
             f"{' (best)' if improved else ''} [{time.time() - t0:.1f}s]",
             flush=True,
@@ -911,7 +1075,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
 
     def stopped(step: int, what: str) -> dict:
         best_ckpt.close()
-        print(
+        say(
             f"{stopper.signal_name} received: {what}; rerun the same command to resume",
             flush=True,
         )
@@ -941,7 +1105,6 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
             grad_accum_steps=opt_cfg.grad_accum_steps,
             learning_rate_fn=learning_rate_schedule(opt_cfg),
         )
-        mesh = _make_mesh(cfg.mesh)
         state, state_sh, put_batch = _create_state(module, params, tx, state_rng, mesh, batch_size)
         del params
         if state_sh is None:
@@ -977,7 +1140,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
                 )
             best.update(extra["best"])
             book["last_eval_step"] = int(extra["last_eval_step"])
-            print(
+            say(
                 f"resuming from step {start_step} of {total_steps} (checkpoint in "
                 f"{train_ckpt.directory}; epoch {position['epoch']}, batch {position['batch']}"
                 f"; best {metric_name} so far {best['value']} at step {best['step']})",
@@ -986,9 +1149,9 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
         else:
             start_step = 0
         keep_only_best()
-        if resuming:
+        if is_main and resuming:
             _truncate_history(history_path, book["last_eval_step"])
-        else:
+        elif is_main:
             history_path.write_text("")
 
         def save_train_checkpoint(st, at: int) -> None:
@@ -1004,7 +1167,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
                 train_ckpt.wait()  # the best checkpoints it names are pruned only after it
             keep_only_best()
 
-        if stopper.requested:
+        if stopper.should_stop(start_step):  # a collective on several processes
             train_ckpt.close()
             return stopped(start_step, f"stopped before training at step {start_step}")
         # A checkpoint saved on a signal at an evaluation step: that evaluation is still due.
@@ -1016,15 +1179,16 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
 
         arrays = {k: train_feats.arrays[k] for k in train_keys}
         batches = _epoch_batches(
-            arrays, n_train, settings["seed"], start_step, steps_per_epoch, batch_size
-        )
+            arrays, n_train, settings["seed"], start_step, steps_per_epoch, batch_size,
+            process=(process_index, process_count),
+        )  # fmt: skip
 
         def on_log(ctx, rows, examples_per_s) -> dict:
             loss = float(np.mean([r["loss"] for r in rows]))
             lr = float(rows[-1]["learning_rate"])
             if not progress:
                 skipped = f", skipped {ctx.skipped}" if ctx.skipped else ""
-                print(
+                say(
                     f"step {ctx.step}/{total_steps}: loss {loss:.4f}, lr {lr:.2e}{skipped}",
                     flush=True,
                 )
@@ -1066,7 +1230,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
             log_every=cfg.loop.log_every,
             max_consecutive_skips=cfg.loop.max_consecutive_skips,
             skip_setting="--max-consecutive-skips",
-            progress=progress,
+            progress=progress and is_main,
             desc=task.name,
         )
         ctx = fit(
@@ -1091,14 +1255,18 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
             return stopped(step, f"checkpoint of step {step} saved")
         final_params = state.params
     else:
-        history_path.write_text("")
+        if is_main:
+            history_path.write_text("")
         keep_only_best()
-        evaluate(params, 0, 0.0)
+        with mesh_context(mesh):
+            evaluate(params, 0, 0.0)
         final_params = params
 
     # 7. Export the best parameters.
     best_ckpt.wait()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), final_params)
+    abstract = jax.tree.map(  # restored where the parameters live (sharded on a mesh)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), final_params
+    )
     best_params, _ = best_ckpt.restore(best["step"], abstract)
     best_ckpt.close()
     tok_files = sorted(str(p) for p in tok_dir.iterdir() if p.is_file())
@@ -1106,14 +1274,15 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
         out_dir / "best_model", module, best_params, extra_files=tok_files, overwrite=True
     )
     results = dict(best["metrics"])
-    write_json_atomic(out_dir / "eval_results.json", results)
-    print(
+    if is_main:
+        write_json_atomic(out_dir / "eval_results.json", results)
+    say(
         f"best {metric_name} {best['value']:.4f} at step {best['step']}; "
         f"model in {out_dir / 'best_model'}; {time.time() - t_start:.0f}s "
         f"({train_time:.0f}s training)",
         flush=True,
     )
     if stopper.requested:  # signalled during the final evaluation / export, which completed
-        print(f"{stopper.signal_name} received: the run had finished; exiting as interrupted")
+        say(f"{stopper.signal_name} received: the run had finished; exiting as interrupted")
         return {**results, "signal": stopper.signal_name}
     return results

@@ -95,16 +95,21 @@ def _prepare_once(cfg: PretrainConfig, out_dir: Path, settings: dict[str, Any], 
     from funnel_jax import prepare
 
     if cfg.corpus:
-        target = out_dir / "data"
-        with _file_lock(out_dir / ".data.lock"):
-            prepare.prepare_corpus(list(cfg.corpus), target, progress=progress, **settings)
+        target = out_dir / "data"  # one run owns out_dir: no lock
+        prepare.prepare_corpus(
+            list(cfg.corpus),
+            target,
+            workers=cfg.data.prepare_workers,
+            progress=progress,
+            **settings,
+        )
         return target
     root, docs = _stdlib_cache_entry(settings)
     target = root / "data"
     with _file_lock(root / ".lock"):
         if not (target / prepare.MANIFEST).is_file():
             corpus = prepare.write_corpus_file(docs, root / "corpus.txt")
-            prepare.prepare_corpus(corpus, target, progress=progress, **settings)
+            prepare.prepare_corpus(corpus, target, workers=0, progress=progress, **settings)
     return target
 
 

@@ -158,6 +158,14 @@ def get_tokenizer(data_dir: str, out_dir: Path):
     return tok, tok_dir, trained
 
 
+def check_seq_len(cfg: PretrainConfig, model_cfg) -> None:
+    if cfg.data.seq_len < model_cfg.min_seq_len():
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is too short: this model needs at least "
+            f"{model_cfg.min_seq_len()} tokens to pool in every block"
+        )
+
+
 def model_structure(cfg: PretrainConfig):
     """The run's FunnelConfig before the tokenizer is known (vocab_size a placeholder when
     unset): what the data preparation needs (data.truncation_stride)."""
@@ -184,11 +192,7 @@ def resolve_settings(cfg: PretrainConfig, tok):
     elif vocab < len(tok):
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {len(tok)}")
     model_cfg = FunnelConfig.from_dict(model_fields)
-    if cfg.data.seq_len < model_cfg.min_seq_len():
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} is too short: this model needs at least "
-            f"{model_cfg.min_seq_len()} tokens to pool in every block"
-        )
+    check_seq_len(cfg, model_cfg)
     objective_cfg = ObjectiveConfig.from_dict(cfg.objective)
     opt_cfg = OptimizerConfig.from_dict(cfg.optimizer)
     total_steps = opt_cfg.total_steps or cfg.train.steps
@@ -395,7 +399,9 @@ def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dic
         raise ConfigError(f"--stop-after must be >= 0, got {stop_after}")
 
     # One data path for every corpus: prepared shards read by the loader (pretrain_data.py).
-    data_dir = prepare_run_data(cfg, out_dir, model_structure(cfg), progress=progress)
+    structure = model_structure(cfg)
+    check_seq_len(cfg, structure)  # before preparing data for it
+    data_dir = prepare_run_data(cfg, out_dir, structure, progress=progress)
     tok, tok_dir, trained = get_tokenizer(data_dir, out_dir)
     model_cfg = resolve_settings(cfg, tok)[0]
     pi, pc = jax.process_index(), jax.process_count()
