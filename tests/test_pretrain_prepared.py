@@ -1,7 +1,7 @@
 """`python -m experiments.pretrain --data DIR`: pretraining from a directory prepared by
-funnel_jax.prepare (its shards through funnel_jax.loader, its tokenizer): a stop and resume ends
-bit-identical to an uninterrupted run; settings the data contradicts are refused, naming both
-values; a restart on other data is refused."""
+funnel_jax.prepare (its shards through funnel_jax.loader, its tokenizer); settings the data
+contradicts are refused, naming both values; a restart on other data is refused; and the
+embedded default, prepared into a cache, gives the same model in two fresh runs."""
 
 from __future__ import annotations
 
@@ -84,54 +84,29 @@ def _args(data_dir, out_dir, *extra, seq_len=SEQ_LEN):
     ]
 
 
-def test_data_dir_run_resumes_bit_identically(prepared, tmp_path):
-    full, split = tmp_path / "full", tmp_path / "split"
-    summary = pretrain.run(_args(prepared, full, "--steps", "6", "--save-every", "100"))
-    assert summary["steps"] == 6 and summary["resumed_from"] is None
-    stopped = pretrain.run(
-        _args(prepared, split, "--steps", "6", "--save-every", "100", "--stop-after", "3")
-    )
-    assert stopped["stopped_at"] == 3
-    _, extra_3 = pretrain.restore_state(split)
-    assert extra_3["data"]["step"] == 3
-    resumed = pretrain.run(_args(prepared, split, "--steps", "6", "--save-every", "100"))
-    assert resumed["resumed_from"] == 3
-
-    # The run read the prepared directory: its tokenizer, its train split.
+def test_data_dir_run_reads_the_prepared_directory(prepared, tmp_path):
+    """A --data run takes the directory's tokenizer and train split, and a restart on other data
+    is refused. (Its resume is the loader's: tests/test_pretrain.py's bit-identical resume runs
+    --corpus through the same prepared-shard path, tests/test_loader.py the loader alone.)"""
+    full = tmp_path / "full"
+    summary = pretrain.run(_args(prepared, full, "--steps", "3", "--save-every", "100"))
+    assert summary["steps"] == 3 and summary["resumed_from"] is None
     manifest = read_manifest(prepared)
-    for run_dir in (full, split):
-        assert (run_dir / "tokenizer" / "vocab.txt").read_bytes() == (
-            prepared / "tokenizer" / "vocab.txt"
-        ).read_bytes()
-    a, extra_a = pretrain.restore_state(full)
-    b, extra_b = pretrain.restore_state(split)
-    assert extra_a["data"]["split"] == "train"
-    assert extra_a["data"]["tokenizer_sha256"] == manifest["tokenizer"]["sha256"]
-    assert extra_a["data"]["num_records"] == manifest["splits"]["train"]["records"]
-    assert int(a.step) == int(b.step) == 6
-    assert extra_a["data"] == extra_b["data"] and extra_a["data"]["step"] == 6
-
-    leaves_a = jax.tree_util.tree_leaves_with_path(a)
-    leaves_b = jax.tree_util.tree_leaves_with_path(b)
-    assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
-    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
-        assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
-
-    def train_rows(d):
-        rows = pretrain.read_metrics(d / "metrics.jsonl")
-        drop = ("time", "tokens_per_s")
-        return [
-            {k: v for k, v in r.items() if k not in drop} for r in rows if r["split"] == "train"
-        ]
-
-    assert len(train_rows(full)) == 6 and train_rows(full) == train_rows(split)
-    assert resumed["end"] == pretrain.load_json_object(full / "summary.json")["end"]
+    assert (full / "tokenizer" / "vocab.txt").read_bytes() == (
+        prepared / "tokenizer" / "vocab.txt"
+    ).read_bytes()
+    assert not (full / "data").exists()  # nothing prepared again
+    state, extra = pretrain.restore_state(full)
+    assert int(state.step) == 3 and extra["data"]["step"] == 3
+    assert extra["data"]["split"] == "train"
+    assert extra["data"]["tokenizer_sha256"] == manifest["tokenizer"]["sha256"]
+    assert extra["data"]["num_records"] == manifest["splits"]["train"]["records"]
 
     # A restart of the finished run on other data (a copy elsewhere) is refused, naming it.
     other = tmp_path / "other_data"
     shutil.copytree(prepared, other)
     with pytest.raises(pretrain.ConfigError, match=r"data_dir: saved .*prepared.*, now .*other"):
-        pretrain.run(_args(other, full, "--steps", "6", "--save-every", "100"))
+        pretrain.run(_args(other, full, "--steps", "3", "--save-every", "100"))
 
 
 def test_data_dir_settings_the_data_contradicts_are_refused(prepared, tmp_path):
