@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1: the rest); default: data parallel "
         "over every device when there are several",
     )
+    p.add_argument("--coordinator-address", default=None, help="jax.distributed coordinator")
+    p.add_argument("--num-processes", type=int, default=None, help="jax.distributed processes")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index")
     return p
 
 
@@ -151,18 +154,20 @@ def load_config(args: argparse.Namespace):
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Fine-tune and evaluate as the command does; returns the best evaluation's metrics (the
-    contents of eval_results.json). Stopped by SIGTERM / SIGINT it returns {"stopped_at": step,
-    "signal": "SIGTERM", ...} (or the metrics plus "signal" when the signal came during the
-    final export, which completes first)."""
+    """Fine-tune and evaluate as the command does; returns what funnel_jax.finetune returns
+    (eval_results.json's metrics; with "signal" when stopped by SIGTERM / SIGINT)."""
     args = build_parser().parse_args(argv)
-    from funnel_jax import preemption
+    from funnel_jax import preemption, runtime, sharding
     from funnel_jax.training.finetuning import finetune
 
+    runtime.apply_accelerator_settings()  # before jax starts its backend (a no-op on CPU)
     # SIGTERM / SIGINT only set a flag (funnel_jax/preemption.py), read during start-up, after
     # each training step, and once the final export is complete.
     stopper = preemption.PreemptionHandler().install()
     try:
+        sharding.initialize_distributed(
+            args.coordinator_address, args.num_processes, args.process_id
+        )
         return finetune(
             load_config(args), args.output_dir, progress=not args.no_progress, stopper=stopper
         )

@@ -135,6 +135,7 @@ def run(argv: list[str] | None = None) -> dict:
     from funnel_jax import preemption, runtime, sharding
     from funnel_jax.training.pretraining import pretrain
 
+    runtime.apply_accelerator_settings()  # before jax starts its backend (a no-op on CPU)
     # SIGTERM / SIGINT from the start on only set a flag (funnel_jax/preemption.py), read before
     # training, after each step, and once the final export is complete.
     stopper = preemption.PreemptionHandler().install()

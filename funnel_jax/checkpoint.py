@@ -19,6 +19,7 @@ step killed mid-write is never listed nor restored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -200,13 +201,14 @@ def write_model_files(
         f"{type(module).__name__}",
         "params",
     )
-    for src in extra_files:
-        src = Path(src)
-        if not src.is_file():
-            raise FileNotFoundError(f"extra file to copy not found: {src}")
-        shutil.copy2(src, directory / src.name)
-    config: FunnelConfig = module.config.replace(architectures=(type(module).__name__,))
-    config.to_json_file(directory / CONFIG_NAME)
+    if jax.process_index() == 0:  # several processes: all write the arrays, one the rest
+        for src in extra_files:
+            src = Path(src)
+            if not src.is_file():
+                raise FileNotFoundError(f"extra file to copy not found: {src}")
+            shutil.copy2(src, directory / src.name)
+        config: FunnelConfig = module.config.replace(architectures=(type(module).__name__,))
+        config.to_json_file(directory / CONFIG_NAME)
     _checkpointer().save(directory / PARAMS_DIR, args=ocp.args.StandardSave(params))
 
 
@@ -221,10 +223,36 @@ def save_model_dir(
 
     `extra_files` (e.g. tokenizer files) are copied as they are. Refuses an existing
     `directory` unless `overwrite`; the old one is replaced only once the new one is complete.
+    With several processes (jax.distributed) every process must call it: each writes its
+    shards of `params` (global, sharded arrays), process 0 the other files and the rename.
     """
+    if jax.process_count() > 1:
+        return _save_model_dir_multiprocess(Path(directory), module, params, extra_files, overwrite)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         write_model_files(tmp, module, params, extra_files)
     return Path(directory)
+
+
+def _save_model_dir_multiprocess(dst: Path, module, params, extra_files, overwrite) -> Path:
+    """save_model_dir on several processes: one temporary directory for all of them (a fixed
+    name that preemption.remove_leftovers knows), renamed by process 0 once all have written."""
+    from jax.experimental import multihost_utils
+
+    dst = dst.absolute()
+    if (dst.exists() or dst.is_symlink()) and not overwrite:  # every process sees it: all raise
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+    tmp = dst.with_name(f".{dst.name}.tmp-multiprocess")
+    main = jax.process_index() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    multihost_utils.sync_global_devices(f"funnel_jax save_model_dir {dst} start")
+    write_model_files(tmp, module, params, extra_files)
+    multihost_utils.sync_global_devices(f"funnel_jax save_model_dir {dst} written")
+    if main:
+        _replace_dir(tmp, dst, overwrite)
+    multihost_utils.sync_global_devices(f"funnel_jax save_model_dir {dst} renamed")
+    return dst
 
 
 def is_orbax_model_dir(path: str | os.PathLike) -> bool:
@@ -266,9 +294,14 @@ def load_model_dir(
     dtype=None,
     param_dtype=None,
     rng: jax.Array | None = None,
+    host: bool = False,
     **config_overrides,
 ):
     """Load `(module, params)` from a `save_model_dir` directory.
+
+    `host`: the parameters come back as numpy arrays (fine-tuning then places them shard by
+    shard): read straight from the files into numpy when the tree is `module`'s, else
+    converted on the host's CPU backend (never on an accelerator).
 
     `config_overrides` replace config fields (e.g. `num_labels=3` for a fresh head).
 
@@ -303,6 +336,12 @@ def load_model_dir(
     same = set(expected) == set(stored) and all(
         tuple(expected[p].shape) == stored[p][0] for p in expected
     )
+    if same and host:  # numpy, in the stored dtype, cast on the host
+        target = unflatten_dict({p: np.empty(stored[p][0], stored[p][1]) for p in expected})
+        host_params = flatten_dict(_restore_params(params_dir, target))
+        return module, unflatten_dict(
+            {p: np.asarray(v).astype(expected[p].dtype, copy=False) for p, v in host_params.items()}
+        )
     if same:  # restore straight into the target dtype
         target = unflatten_dict(
             {
@@ -318,18 +357,34 @@ def load_model_dir(
         return module, unflatten_dict(out)
 
     # Another class: restore as numpy, then apply the state-dict rules of weights.py.
-    target = unflatten_dict(
-        {p: jax.ShapeDtypeStruct(s, d, sharding=_local) for p, (s, d) in stored.items()}
-    )
+    if host:
+        target = unflatten_dict({p: np.empty(s, d) for p, (s, d) in stored.items()})
+    else:
+        target = unflatten_dict(
+            {p: jax.ShapeDtypeStruct(s, d, sharding=_local) for p, (s, d) in stored.items()}
+        )
     restored = _restore_params(params_dir, target)
     saved_module = saved_cls(config=saved_config)
     state_dict = weights.params_to_state_dict(restored, saved_module)
     del restored
     try:
-        params = weights.state_dict_to_params(state_dict, module, rng=rng, dtype=param_dtype)
+        with host_device() if host else contextlib.nullcontext():
+            params = weights.state_dict_to_params(state_dict, module, rng=rng, dtype=param_dtype)
     except weights.WeightsError as e:
         raise weights.WeightsError(f"{path} ({saved_cls.__name__}): {e}") from None
+    if host:
+        params = jax.tree.map(np.asarray, params)
     return module, params
+
+
+def host_device():
+    """A context in which new jax arrays go to the host's CPU backend (not an accelerator);
+    without a CPU backend (JAX_PLATFORMS naming only an accelerator) a no-op."""
+    try:
+        cpu = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return contextlib.nullcontext()
+    return jax.default_device(cpu)
 
 
 # --- training checkpoints ------------------------------------------------------------------

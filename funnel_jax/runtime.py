@@ -101,8 +101,29 @@ def accelerator_settings(platform: str) -> dict[str, dict[str, object]]:
     return {"jax": {}, "compiler_options": {}}
 
 
+def platform_before_start() -> str:
+    """The platform jax will start on, found without starting a backend (which would read
+    XLA_FLAGS too early): the first of JAX_PLATFORMS / jax_platforms if set, else 'cuda' or
+    'tpu' when their jax plugin is installed, else 'cpu'."""
+    import importlib.util
+
+    import jax
+
+    named = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
+    if named.strip():
+        return named.split(",")[0].strip()
+    for module, platform in (
+        ("jax_cuda13_plugin", "cuda"),
+        ("jax_cuda12_plugin", "cuda"),
+        ("libtpu", "tpu"),
+    ):
+        if importlib.util.find_spec(module) is not None:
+            return platform
+    return "cpu"
+
+
 def apply_accelerator_settings(platform: str | None = None) -> dict[str, dict[str, object]]:
-    """Apply `accelerator_settings` for `platform` (default: jax's default backend) to this
+    """Apply `accelerator_settings` for `platform` (default: `platform_before_start()`) to this
     process: the jax.config settings directly, the XLA options appended to XLA_FLAGS (read when
     the backend starts: call this before the first computation). Returns what was applied.
 
@@ -113,7 +134,7 @@ def apply_accelerator_settings(platform: str | None = None) -> dict[str, dict[st
     import jax
 
     if platform is None:
-        platform = jax.default_backend()
+        platform = platform_before_start()
     settings = accelerator_settings(platform)
     for name, value in settings["jax"].items():
         jax.config.update(name, value)

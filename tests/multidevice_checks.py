@@ -112,6 +112,7 @@ def main():
         if name == "mixed":
             report["restore"] = restore_elsewhere(new_state, module, init)
     report["finetune"] = finetune_on_mesh()
+    report["finetune_init"] = finetune_from_file_on_mesh()
     print("RESULT " + json.dumps(report))
 
 
@@ -184,6 +185,94 @@ def finetune_on_mesh():
         finally:
             finetuning._create_state = create_state
         return {**result, **created}
+
+
+def finetune_from_file_on_mesh():
+    """experiments.finetune --init DIR --mesh data=2,fsdp=2,tensor=2, one step: the TrainState
+    as created (recorded in finetuning._create_state, before the step donates it) must hold
+    every sharded leaf as shards of the shard shape on the 8 devices, the backbone's values
+    equal to the weights written into DIR, the fresh head sharded as its rules say."""
+    import random
+    import tempfile
+    from pathlib import Path
+
+    from flax.traverse_util import flatten_dict
+
+    from experiments import finetune
+    from funnel_jax.checkpoint import save_model_dir
+    from funnel_jax.models import FunnelForPreTraining, init_params
+    from funnel_jax.tokenizer import FunnelTokenizer
+    from funnel_jax.training import finetuning
+
+    rng = random.Random(1)
+    words = "alpha beta gamma delta epsilon zeta theta kappa great".split()
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        with open(d / "train.jsonl", "w") as f:
+            for i in range(32):
+                ws = [rng.choice(words) for _ in range(6)]
+                f.write(json.dumps({"text": " ".join(ws), "label": str(i % 2)}) + "\n")
+        (d / "dev.jsonl").write_text((d / "train.jsonl").read_text())
+        tok = FunnelTokenizer.train(iter([" ".join(words)] * 20), vocab_size=64, min_frequency=1)
+        tok.save_pretrained(d / "tok")
+        config = fj.FunnelConfig(
+            vocab_size=64, block_sizes=[1, 1], num_decoder_layers=1, d_model=32, n_head=2,
+            d_head=16, d_inner=64, hidden_dropout=0.0, attention_dropout=0.0,
+        )  # fmt: skip
+        module = FunnelForPreTraining(config=config)
+        written = jax.tree.map(np.asarray, init_params(module, jax.random.PRNGKey(3)))
+        save_model_dir(d / "init", module, written, extra_files=sorted((d / "tok").iterdir()))
+        argv = [
+            "--task", "classification", "--data-dir", str(d), "--init", str(d / "init"),
+            "--output-dir", str(d / "out"), "--max-steps", "1", "--max-seq-length", "16",
+            "--batch-size", "8", "--no-progress", "--mesh", "data=2,fsdp=2,tensor=2",
+        ]  # fmt: skip
+        seen = {}
+        create_state = finetuning._create_state
+
+        def layout(params):
+            """(leaves not as 8 shards of their shard shape, leaves whose shards are smaller)."""
+            bad, smaller = [], []
+            for path, x in flatten_dict(params).items():
+                want = x.sharding.shard_shape(x.shape)
+                shapes = {tuple(s.data.shape) for s in x.addressable_shards}
+                if shapes != {want} or len(x.addressable_shards) != 8:
+                    bad.append(f"{'/'.join(path)} {x.shape}: {shapes} != {want}")
+                if want != x.shape:
+                    smaller.append("/".join(path))
+            return bad, smaller
+
+        def recording_create_state(module, params, *a, **k):
+            # The parameters as placed (loaded from DIR, head initialised), before the state.
+            seen["placed_bad_shards"], seen["placed_sharded"] = layout(params)
+            state, state_sh, put = create_state(module, params, *a, **k)
+            leaves = flatten_dict(state.params)
+            bad_shards, sharded = layout(state.params)
+            equal, compared = True, 0
+            for path, x in leaves.items():
+                if path[0] == "funnel":  # the backbone: the values written into DIR
+                    ref = flatten_dict(written)[path]
+                    equal = equal and bool(np.array_equal(np.asarray(x), ref))
+                    compared += 1
+            head = state.params["classifier"]
+            seen.update(
+                bad_shards=bad_shards,
+                sharded=sharded,
+                backbone_equal=equal,
+                backbone_compared=compared,
+                num_params=len(leaves),
+                head_specs={
+                    "/".join(p): str(v.sharding.spec) for p, v in flatten_dict(head).items()
+                },
+            )
+            return state, state_sh, put
+
+        finetuning._create_state = recording_create_state
+        try:
+            finetune.run(argv)
+        finally:
+            finetuning._create_state = create_state
+        return seen
 
 
 def restore_elsewhere(saved_state, module, init):

@@ -78,3 +78,25 @@ def test_finetuning_state_is_created_sharded(report):
     d_model, d_inner = r["created_ffn_shape"]
     assert r["created_ffn_shard_shape"] == [d_model // 2, d_inner // 2], r
     assert r["created_devices_per_leaf"] == [8], r
+
+
+def test_finetuning_state_from_a_file_is_placed_shard_by_shard(report):
+    """experiments.finetune --init DIR on data=2,fsdp=2,tensor=2: the TrainState as created
+    holds every parameter as 8 shards of its shard shape (sharded ones smaller than the
+    parameter: never whole on one device), the backbone's values are those written into DIR,
+    and the fresh head is laid out by its rules (initialised by a jit with out_shardings)."""
+    r = report["finetune_init"]
+    # Already so when placed, before the TrainState is made from them (a full copy on one
+    # device, resharded by the state's jit, fails here).
+    assert r["placed_bad_shards"] == [], r["placed_bad_shards"]
+    assert sorted(r["placed_sharded"]) == sorted(r["sharded"]), r
+    assert r["bad_shards"] == [], r["bad_shards"]
+    assert r["backbone_equal"] and r["backbone_compared"] >= 20, r
+    for name in (
+        "funnel/embeddings/word_embeddings/embedding",  # [64, 32] over tensor x fsdp
+        "funnel/encoder/blocks_0_0/ffn/linear_1/kernel",
+        "classifier/linear_hidden/kernel",
+    ):
+        assert name in r["sharded"], (name, r["sharded"])
+    assert r["head_specs"]["linear_hidden/kernel"] == str(P("fsdp", "tensor")), r
+    assert r["head_specs"]["linear_out/kernel"] == str(P("tensor", None)), r

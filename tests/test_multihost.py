@@ -69,34 +69,44 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _run_two_processes(tmp, corpus, out, *extra):
+def run_processes(args: list[str], n: int = 2, timeout: int = 600) -> list[str]:
+    """Run the command `args` as `n` jax.distributed processes on localhost (one CPU device
+    each; the coordinator flags of experiments/pretrain.py and finetune.py appended); returns
+    each process's output, after checking that all exited with status 0."""
     port = _free_port()
     procs = [
         subprocess.Popen(
-            _args(
-                tmp,
-                corpus,
-                out,
+            [
+                *args,
                 "--coordinator-address",
                 f"127.0.0.1:{port}",
                 "--num-processes",
-                "2",
+                str(n),
                 "--process-id",
                 str(i),
-                *extra,
-            ),
+            ],
             cwd=ROOT,
             env=_env(1),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )  # fmt: skip
-        for i in range(2)
+        for i in range(n)
     ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, text in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, text[-4000:]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:  # a process left waiting for a peer that failed
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for i, (p, text) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"process {i}: status {p.returncode}\n{text[-4000:]}"
     return outputs
+
+
+def _run_two_processes(tmp, corpus, out, *extra):
+    return run_processes(_args(tmp, corpus, out, *extra))
 
 
 def test_two_processes_save_restore_and_equal_a_single_process_run(setup):

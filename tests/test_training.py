@@ -78,8 +78,10 @@ def test_presets_ship_in_the_wheel_and_are_found_from_another_directory(tmp_path
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (wheel,) = wheel_dir.glob("funnel_jax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    targets = [f"configs/targets/{p.name}" for p in (ROOT / "configs/targets").glob("*.txtpb")]
+    assert targets, "no configs/targets/*.txtpb in the source tree"
     for name in ("configs/pretrain/tiny.json", "configs/finetune/sst2.json",
-                 "configs/models/small.json", "configs/__init__.py"):  # fmt: skip
+                 "configs/models/small.json", "configs/__init__.py", *targets):  # fmt: skip
         assert name in names, name
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -96,6 +98,29 @@ def test_presets_ship_in_the_wheel_and_are_found_from_another_directory(tmp_path
     path, models = out.stdout.splitlines()[-2:]
     assert Path(path) == site / "configs" / "pretrain" / "tiny.json"
     assert "small" in models
+
+
+def test_accelerator_settings_are_a_no_op_on_cpu(monkeypatch):
+    """The commands call runtime.apply_accelerator_settings() before jax starts; on CPU it
+    finds the platform without starting a backend and changes no setting, flag or result."""
+    import jax.numpy as jnp
+
+    from funnel_jax import runtime
+
+    monkeypatch.delenv("FUNNEL_JAX_NO_ACCEL_SETTINGS", raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    assert runtime.platform_before_start() == "cpu"
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8))
+    before = (np.asarray(jax.jit(lambda a: jnp.tanh(a @ a.T))(x)), jax.config.values.copy())
+    assert runtime.apply_accelerator_settings() == {"jax": {}, "compiler_options": {}}
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
+    after = np.asarray(jax.jit(lambda a: jnp.tanh(a @ a.T))(x))  # traced and compiled anew
+    assert jax.config.values == before[1]
+    np.testing.assert_array_equal(after, before[0])
+    # The GPU settings are found for a CUDA machine (without starting its backend).
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert runtime.platform_before_start() == "cuda"
 
 
 def test_logged_learning_rate_is_the_optimizers_own_after_a_skipped_step():
