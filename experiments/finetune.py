@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import sys
 
+from experiments.common import add_mesh_arguments, initialize_distributed
 from funnel_jax.training.files import ConfigError  # noqa: F401 (tests use it)
 from funnel_jax.training.finetuning import (  # noqa: F401 (re-exported for tests)
     DEFAULTS,
@@ -102,15 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_set_argument(  # settings.*: the hyper-parameters above; loop.*: FinetuneLoopConfig
         p, "settings.learning_rate=2e-5 loop.log_every=50"
     )
-    p.add_argument(
-        "--mesh",
-        default=None,
-        help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1: the rest); default: data parallel "
-        "over every device when there are several",
-    )
-    p.add_argument("--coordinator-address", default=None, help="jax.distributed coordinator")
-    p.add_argument("--num-processes", type=int, default=None, help="jax.distributed processes")
-    p.add_argument("--process-id", type=int, default=None, help="this process's index")
+    add_mesh_arguments(p)
     return p
 
 
@@ -157,7 +150,7 @@ def run(argv: list[str] | None = None) -> dict:
     """Fine-tune and evaluate as the command does; returns what funnel_jax.finetune returns
     (eval_results.json's metrics; with "signal" when stopped by SIGTERM / SIGINT)."""
     args = build_parser().parse_args(argv)
-    from funnel_jax import preemption, runtime, sharding
+    from funnel_jax import preemption, runtime
     from funnel_jax.training.finetuning import finetune
 
     runtime.apply_accelerator_settings()  # before jax starts its backend (a no-op on CPU)
@@ -165,9 +158,7 @@ def run(argv: list[str] | None = None) -> dict:
     # each training step, and once the final export is complete.
     stopper = preemption.PreemptionHandler().install()
     try:
-        sharding.initialize_distributed(
-            args.coordinator_address, args.num_processes, args.process_id
-        )
+        initialize_distributed(args)
         return finetune(
             load_config(args), args.output_dir, progress=not args.no_progress, stopper=stopper
         )

@@ -38,6 +38,7 @@ import os
 import sys
 from pathlib import Path
 
+from experiments.common import add_mesh_arguments, initialize_distributed
 from funnel_jax.training.files import ConfigError, load_json_object  # noqa: F401 (tests use them)
 from funnel_jax.training.overrides import add_set_argument
 from funnel_jax.training.pretraining import (  # noqa: F401 (re-exported for tests and notebooks)
@@ -86,15 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step"
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument(
-        "--mesh",
-        default=None,
-        help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1: the rest of the devices); default: "
-        "data parallel over every device when there are several, none on one device",
-    )
-    p.add_argument("--coordinator-address", default=None, help="jax.distributed coordinator")
-    p.add_argument("--num-processes", type=int, default=None, help="jax.distributed processes")
-    p.add_argument("--process-id", type=int, default=None, help="this process's index")
+    add_mesh_arguments(p)
     p.add_argument(
         "--compile-cache",
         default=os.environ.get("FUNNEL_JAX_COMPILE_CACHE", "~/.cache/funnel_jax/xla"),
@@ -132,7 +125,7 @@ def run(argv: list[str] | None = None) -> dict:
     "signal" when the signal came during the final evaluation and export, which completes).
     """
     args = parse_args(argv)
-    from funnel_jax import preemption, runtime, sharding
+    from funnel_jax import preemption, runtime
     from funnel_jax.training.pretraining import pretrain
 
     runtime.apply_accelerator_settings()  # before jax starts its backend (a no-op on CPU)
@@ -140,9 +133,7 @@ def run(argv: list[str] | None = None) -> dict:
     # training, after each step, and once the final export is complete.
     stopper = preemption.PreemptionHandler().install()
     try:
-        sharding.initialize_distributed(
-            args.coordinator_address, args.num_processes, args.process_id
-        )
+        initialize_distributed(args)
         cfg = load_run_config(args)
         runtime.enable_compile_cache(args.compile_cache)
         return pretrain(
