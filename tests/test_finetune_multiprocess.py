@@ -7,7 +7,6 @@ part in the checkpoint saves. Run once: it starts three Python processes."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import jax
@@ -15,7 +14,7 @@ import numpy as np
 
 import funnel_jax as fj
 from tests.test_finetune import make_pretrained_dir, write_sst2
-from tests.test_multihost import ROOT, _env, run_processes
+from tests.test_multihost import run_processes, run_single_process
 
 
 def _args(data, init, out):
@@ -32,12 +31,8 @@ def test_two_processes_equal_a_single_process_run(tmp_path):
     init = make_pretrained_dir(tmp_path / "pretrain_run")
     # 37 dev examples: five eval batches of 8, the last one padded on both runs.
     data = write_sst2(tmp_path / "sst2", n_train=64, n_dev=37)
-    single = subprocess.run(
-        _args(data, init, tmp_path / "single"), cwd=ROOT, env=_env(2),
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
-    assert "over 2 devices, 1 process(es)" in single.stdout
+    single = run_single_process(_args(data, init, tmp_path / "single"))
+    assert "over 2 devices, 1 process(es)" in single
 
     out = tmp_path / "multi"
     logs = run_processes(_args(data, init, out))

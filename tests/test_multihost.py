@@ -69,6 +69,16 @@ def _env(devices: int) -> dict:
     return env
 
 
+def run_single_process(args: list[str], devices: int = 2, timeout: int = 600) -> str:
+    """Run the command `args` as one process with `devices` CPU devices (the reference of a
+    multi-process run); returns its standard output, after checking it exited with status 0."""
+    proc = subprocess.run(
+        args, cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 def run_processes(args: list[str], n: int = 2, timeout: int = 600) -> list[str]:
     """Run the command `args` as `n` jax.distributed processes on localhost (one CPU device
     each; the coordinator flags of experiments/pretrain.py and finetune.py appended); returns
@@ -111,12 +121,8 @@ def _run_two_processes(tmp, corpus, out, *extra):
 
 def test_two_processes_save_restore_and_equal_a_single_process_run(setup):
     tmp, corpus = setup
-    single = subprocess.run(
-        _args(tmp, corpus, tmp / "single"), cwd=ROOT, env=_env(2),
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
-    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} over 2 devices, 1 process" in single.stdout
+    single = run_single_process(_args(tmp, corpus, tmp / "single"))
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} over 2 devices, 1 process" in single
 
     out = tmp / "multi"
     first = _run_two_processes(tmp, corpus, out, "--stop-after", "3")
