@@ -435,6 +435,7 @@ class TrainCheckpointer:
             raise ValueError(f"save_interval_steps must be positive, got {save_interval_steps!r}")
         self.directory = Path(directory).absolute()
         self.keep = keep
+        self.async_save = bool(async_save)
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=ocm.AnySavePolicy(
                 [ocm.FixedIntervalPolicy(interval), ocm.PreemptionCheckpointingPolicy()]
@@ -453,8 +454,10 @@ class TrainCheckpointer:
         )
 
     def _refresh(self) -> None:
-        # Pick up steps written by another process (e.g. an evaluator polling a training run).
-        if not self._manager.is_saving_in_progress():
+        # Pick up steps written by another program (e.g. an evaluator polling a training run).
+        # Not with several processes: each would decide from its own view of the directory and
+        # of its own save in flight, and the barriers in save / delete need them to agree.
+        if jax.process_count() == 1 and not self._manager.is_saving_in_progress():
             self._manager.reload()
 
     def all_steps(self) -> list[int]:

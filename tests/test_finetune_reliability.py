@@ -179,7 +179,10 @@ def test_sigkill_and_sigterm_resume_bit_identically(inputs, reference, tmp_path)
     reached = _last_step(log1)
     done = _complete_steps(split)
     assert reached < TOTAL, log1.read_text()
-    assert done and 2 * SAVE_EVERY <= done[-1] <= reached and done[-1] % SAVE_EVERY == 0, done
+    # Saves are async: the one of step 2 * SAVE_EVERY may still have been in flight (never
+    # listed then); the one before it was complete, since a save starts after the last ends.
+    assert done and SAVE_EVERY <= done[-1] <= reached and done[-1] % SAVE_EVERY == 0, done
+    assert done[-1] >= (reached // SAVE_EVERY - 1) * SAVE_EVERY, (done, reached)
 
     # 2. SIGKILL in the middle of the write of a training checkpoint (the hook holds it open):
     # the first save from the next checkpoint step on that is no evaluation step (those save
@@ -204,7 +207,30 @@ def test_sigkill_and_sigterm_resume_bit_identically(inputs, reference, tmp_path)
     last_complete = _complete_steps(split)[-1]  # the held step is never listed
     assert last_complete == max(s for s in range(done[-1], target) if s % SAVE_EVERY == 0)
 
-    # 3. SIGTERM at a random later step: a checkpoint of exactly the step reached, status 143.
+    # 3. SIGKILL while an async save is in flight (its commit held in the background thread):
+    # the steps after it ran meanwhile (the overlap); it is never listed, and the restart
+    # resumes from the complete one before it.
+    log_async, marker_async = tmp_path / "run_async.log", tmp_path / "in_async_save"
+    target = next(s for s in range(held + 1, TOTAL) if s % SAVE_EVERY == 0 and s % STEPS_PER_EPOCH)
+    hold = {
+        "FUNNEL_TEST_ASYNC_HOLD_STEP": str(target),
+        "FUNNEL_TEST_SAVE_MARKER": str(marker_async),
+        "FUNNEL_TEST_SAVE_SLEEP": "60",
+    }
+    proc = _start(inputs, args, log_async, **hold, **slow)
+    test_reliability.wait_for(
+        proc, lambda: marker_async.exists() and _last_step(log_async) > target, log_async
+    )
+    held = int(marker_async.read_text().split()[0])
+    unfinished = list((split / "train_checkpoints").glob(f"{held}.orbax-checkpoint-tmp*"))
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    assert f"resuming from step {last_complete} " in log_async.read_text()
+    assert held == target and unfinished, "the kill did not land inside an async save"
+    last_complete = _complete_steps(split)[-1]
+    assert last_complete == max(s for s in range(0, target, SAVE_EVERY))
+
+    # 4. SIGTERM at a random later step: a checkpoint of exactly the step reached, status 143.
     log3 = tmp_path / "run3.log"
     k3 = rng.randint(held + 1, TOTAL - 6)
     proc = _start(inputs, args, log3, **slow)
@@ -223,7 +249,7 @@ def test_sigkill_and_sigterm_resume_bit_identically(inputs, reference, tmp_path)
     assert not list((split / "train_checkpoints").glob("*.orbax-checkpoint-tmp*"))  # cleaned up
     assert not (split / "best_model").exists()
 
-    # 4. The last restart finishes the run: bit-identical to the uninterrupted one.
+    # 5. The last restart finishes the run: bit-identical to the uninterrupted one.
     log4 = tmp_path / "run4.log"
     proc = _start(inputs, args, log4)
     assert proc.wait(timeout=300) == 0, log4.read_text()

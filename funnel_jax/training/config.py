@@ -259,12 +259,17 @@ class FinetuneLoopConfig:
     log_every: int = restart_field(10)
     save_every: int = restart_field(500)  # 0: only at the end and on SIGTERM / SIGINT
     max_consecutive_skips: int = restart_field(10)
+    async_checkpointing: bool = restart_field(True)  # training saves overlap the next steps
 
     def check(self) -> None:
         if isinstance(self.save_every, bool) or self.save_every < 0:
             raise ConfigError(f"save-every must be >= 0 (got {self.save_every})")
         if self.log_every < 1:
             raise ConfigError(f"log-every must be a positive integer (got {self.log_every})")
+        if not isinstance(self.async_checkpointing, bool):
+            raise ConfigError(
+                f"loop.async_checkpointing must be true or false (got {self.async_checkpointing!r})"
+            )
         if self.max_consecutive_skips < 1:
             raise ConfigError(
                 "max-consecutive-skips must be a positive integer (got "

@@ -65,6 +65,7 @@ from funnel_jax.training.files import (
     save_tokenizer_atomic,
     write_json_atomic,
 )
+from funnel_jax.training.saves import TrainingSaves
 
 logger = logging.getLogger("funnel_jax")
 
@@ -806,7 +807,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
     cfg.loop.check()
     data, source = cfg.data, cfg.model
 
-    from funnel_jax import preemption, validation
+    from funnel_jax import preemption
     from funnel_jax.tasks import get_task
 
     labels = list(data.labels) if data.labels else None
@@ -1029,9 +1030,10 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
     best: dict[str, Any] = {"value": None, "metrics": None, "step": None, "epoch": None}
     in_eval = {"now": False}
 
-    def keep_only_best() -> None:
+    def keep_only_best(*also: int | None) -> None:
+        """Delete the best-parameter checkpoints other than the best so far and `also`."""
         for s in best_ckpt.all_steps():
-            if s != best["step"]:
+            if s != best["step"] and s not in also:
                 best_ckpt.delete(s)
 
     def evaluate(p, step: int, epoch: float) -> dict:
@@ -1117,7 +1119,8 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
         train_ckpt = TrainCheckpointer(
             out_dir / TRAIN_CHECKPOINTS,
             keep=KEEP_TRAIN_CHECKPOINTS,
-        )  # synchronous: the best checkpoints a save names are pruned right after it
+            async_save=cfg.loop.async_checkpointing,
+        )
         fingerprint = {
             "num_train_features": n_train,
             "batch_size": batch_size,
@@ -1154,6 +1157,14 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
         elif is_main:
             history_path.write_text("")
 
+        # A training checkpoint names the best step so far; a restart from it needs that best
+        # checkpoint. So the best checkpoints are pruned only once a save is complete, down to
+        # the one it names and the best since (a save in flight may finish after newer bests).
+        def pruned_after_save(info: dict) -> None:
+            keep_only_best(info["best_step"])
+
+        saves = TrainingSaves(train_ckpt, on_complete=pruned_after_save)
+
         def save_train_checkpoint(st, at: int) -> None:
             epoch_at, batch_at = divmod(at, steps_per_epoch)  # the next batch to take
             extra = {
@@ -1162,10 +1173,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
                 "best": best,
                 "last_eval_step": book["last_eval_step"],
             }
-            with validation.checkpoint_write(train_ckpt.directory, at, train_ckpt.all_steps()):
-                train_ckpt.save(at, st, extra=extra)
-                train_ckpt.wait()  # the best checkpoints it names are pruned only after it
-            keep_only_best()
+            saves.start(at, st, extra=extra, best_step=best["step"])
 
         if stopper.should_stop(start_step):  # a collective on several processes
             train_ckpt.close()
@@ -1207,9 +1215,10 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
             try:
                 jax.block_until_ready(ctx.state)
                 at = int(ctx.state.step)
-                train_ckpt.wait()
+                saves.finish()
                 if at == ctx.step and not in_eval["now"] and train_ckpt.latest_step() != at:
                     save_train_checkpoint(ctx.state, at)
+                saves.finish()
                 print(f"\ninterrupted; the newest checkpoint is step {train_ckpt.latest_step()}")
             except Exception as e:  # noqa: BLE001
                 print(f"\ninterrupted; no checkpoint written ({e})", file=sys.stderr)
@@ -1233,23 +1242,28 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
             progress=progress and is_main,
             desc=task.name,
         )
-        ctx = fit(
-            state,
-            step_fn,
-            batches,
-            loop,
-            mesh=mesh,
-            put_batch=put_batch,
-            stopper=stopper,
-            hooks=hooks,
-            on_log=on_log,
-            count=lambda b: batch_size,
-            on_interrupt=on_interrupt,
-        )
+        try:
+            ctx = fit(
+                state,
+                step_fn,
+                batches,
+                loop,
+                mesh=mesh,
+                put_batch=put_batch,
+                stopper=stopper,
+                hooks=hooks,
+                on_log=on_log,
+                count=lambda b: batch_size,
+                on_interrupt=on_interrupt,
+            )
+        except Exception:  # e.g. too many skipped steps: the save in flight still completes
+            saves.finish_after_error()
+            raise
         state, step, stop, train_time = ctx.state, ctx.step, ctx.stopping, ctx.train_time_s
-        train_ckpt.wait()
+        saves.finish()
         if train_ckpt.latest_step() != step:  # the end, or a stop between save points
             save_train_checkpoint(state, step)
+        saves.finish()  # on SIGTERM too: the process exits only once its checkpoint is complete
         train_ckpt.close()
         if stop:
             return stopped(step, f"checkpoint of step {step} saved")

@@ -13,7 +13,6 @@ field. The step loop is funnel_jax.training.loop.fit.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -38,6 +37,7 @@ from funnel_jax.training.files import (
 from funnel_jax.training.overrides import apply_overrides
 from funnel_jax.training.pretrain_report import format_summary, plot_losses
 from funnel_jax.training.run_log import MetricsLog, NullLog, mean_metrics
+from funnel_jax.training.saves import TrainingSaves
 
 SECTIONS = PretrainConfig.SECTIONS
 
@@ -435,11 +435,8 @@ def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dic
 
     if is_main:  # unfinished checkpoint / export dirs of a killed run (never read anyway)
         preemption.remove_leftovers(out_dir)
-    # Async saves on one process only: a two-process run with them hung in its first save
-    # (tests/test_multihost.py); several processes save synchronously until that is understood.
-    async_save = cfg.train.async_checkpointing and pc == 1
     ckpt = TrainCheckpointer(out_dir / "checkpoints", keep=cfg.train.keep_checkpoints,
-                             async_save=async_save)  # fmt: skip
+                             async_save=cfg.train.async_checkpointing)  # fmt: skip
     start_step = ckpt.latest_step()
 
     def stopped_before_training(at: int) -> dict:
@@ -500,27 +497,12 @@ def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dic
         log.close()
         return stopped_before_training(start_step)
 
-    in_flight: dict = {}  # the async save not yet known to be complete: step, good steps
-
-    def finish_save() -> None:
-        """Block until the save in flight is complete; a failed write is named like a
-        synchronous one (CheckpointWriteError: which step, why, which one is intact)."""
-        if in_flight:
-            with validation.checkpoint_write(ckpt.directory, in_flight["step"], in_flight["good"]):
-                ckpt.wait()
-            in_flight.clear()
+    saves = TrainingSaves(ckpt)
 
     def save_checkpoint(st, step: int, data_position) -> None:
-        """Start the save of `step`. With train.async_checkpointing the arrays are copied off
-        the device and written in the background while the next steps run; Orbax writes into
-        a temporary directory renamed when complete, so an unfinished save is never read."""
-        finish_save()  # one save at a time (a failed previous one stops the run here)
-        good = ckpt.all_steps()
-        with validation.checkpoint_write(ckpt.directory, step, good):
-            ckpt.save(step, st, extra={"data": data_position, "step": step})
-        in_flight.update(step=step, good=good)
-        if not async_save:
-            finish_save()
+        """With train.async_checkpointing the arrays are copied off the device and written in
+        the background while the next steps run."""
+        saves.start(step, st, extra={"data": data_position, "step": step})
 
     def on_log(ctx, rows, tokens_per_s) -> dict:
         mean = mean_metrics(rows)
@@ -539,10 +521,10 @@ def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dic
             if pending:
                 log.write(ctx.step, "train", mean_metrics(jax.device_get(pending)))
             jax.block_until_ready(ctx.state)
-            finish_save()
+            saves.finish()
             if ckpt.latest_step() != int(ctx.state.step):
                 save_checkpoint(ctx.state, int(ctx.state.step), ctx.data_state)
-            finish_save()
+            saves.finish()
             print(f"\ninterrupted: checkpoint of step {int(ctx.state.step)} saved; rerun to resume")
         except Exception as e:  # noqa: BLE001
             print(f"\ninterrupted; no checkpoint written ({e}); rerun to resume", file=sys.stderr)
@@ -587,14 +569,13 @@ def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dic
             on_interrupt=on_interrupt,
         )
     except Exception:  # e.g. too many skipped steps: the save in flight still completes
-        with contextlib.suppress(Exception):
-            finish_save()
+        saves.finish_after_error()
         raise
     state, step = ctx.state, ctx.step
-    finish_save()  # a save in flight completes before the last one is decided
+    saves.finish()  # a save in flight completes before the last one is decided
     if ckpt.latest_step() != step:
         save_checkpoint(state, step, ctx.data_state or train_data.state())
-    finish_save()  # on SIGTERM too: the process exits only once its checkpoint is complete
+    saves.finish()  # on SIGTERM too: the process exits only once its checkpoint is complete
     if step < steps:
         log.close()
         ckpt.close()
