@@ -80,6 +80,11 @@ GPU_COMPILER_OPTIONS: dict[str, object] = {
     # cuBLAS / cuBLASLt for every GEMM instead of emitting (and, on a real GPU, autotuning) a
     # Triton kernel per GEMM shape.
     "xla_gpu_enable_triton_gemm": False,
+    # Layer norms and softmaxes as XLA's own reduction fusions instead of Triton "softmax"
+    # fusions: with those, priority fusion took 58 of the 67 s of HLO passes of the `large`
+    # train step; without, the HLO passes take 13 s (BENCHMARKS.md). Same maths; 25 more
+    # kernels.
+    "xla_disable_hlo_passes": "triton-softmax-rewriter",
 }
 GPU_JAX_SETTINGS: dict[str, object] = {
     # Threefry (the same random bits as on CPU/TPU, so dropout and checkpoints' RNG streams

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from funnel_jax import aot, runtime
@@ -168,13 +170,31 @@ def test_compiler_options_and_accelerator_settings(monkeypatch):
     assert runtime.accelerator_settings("cpu") == {"jax": {}, "compiler_options": {}}
     gpu = runtime.accelerator_settings("gpu")
     assert gpu["compiler_options"]["xla_gpu_enable_triton_gemm"] is False
+    assert gpu["compiler_options"]["xla_disable_hlo_passes"] == "triton-softmax-rewriter"
     assert gpu["jax"]["jax_threefry_gpu_kernel_lowering"] is True
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     monkeypatch.setattr(runtime, "GPU_JAX_SETTINGS", {})  # leave this process's jax.config alone
     runtime.apply_accelerator_settings("cuda")
-    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_gpu_enable_triton_gemm=false"
+    assert os.environ["XLA_FLAGS"] == (
+        "--xla_dump_to=/tmp/x --xla_gpu_enable_triton_gemm=false "
+        "--xla_disable_hlo_passes=triton-softmax-rewriter"
+    )
     runtime.apply_accelerator_settings("cuda")  # idempotent
     assert os.environ["XLA_FLAGS"].count("triton_gemm") == 1
+    assert os.environ["XLA_FLAGS"].count("xla_disable_hlo_passes") == 1
+
+
+def test_gpu_compiler_options_are_valid_xla_options():
+    """Each GPU compile option is a DebugOptions field XLA parses from its value as written
+    (checked on this host's CPU compiler, which reads the same options; a misspelt name or a
+    malformed value fails the compile)."""
+    fn = jax.jit(lambda x: jax.nn.softmax(x * 2.0, axis=-1))
+    lowered = fn.lower(jax.ShapeDtypeStruct((4, 8), jnp.float32))
+    options = dict(runtime.GPU_COMPILER_OPTIONS)
+    compiled = lowered.compile(compiler_options=options)
+    assert compiled.as_text()
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        lowered.compile(compiler_options={"xla_no_such_option": True})
 
 
 _TINY = [
