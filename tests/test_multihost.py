@@ -53,8 +53,9 @@ def _args(tmp, corpus, out, *extra):
     return [
         sys.executable, "-m", "experiments.pretrain",
         "--corpus", str(corpus), "--tokenizer", str(tmp / "tok"), "--output-dir", str(out),
-        "--steps", "6", "--save-every", "3", "--seq-len", "32", "--batch-size", "8",
-        "--no-progress", "--compile-cache", "", "--mesh", "data=2",
+        "--steps", "6", "--save-every", "2", "--seq-len", "32", "--batch-size", "8",
+        "--no-progress", "--compile-cache", os.environ["FUNNEL_JAX_COMPILE_CACHE"],
+        "--mesh", "data=2",
         "--set", "data.num_shards=2", "data.eval_batches=1", "data.eval_fraction=0.2",
         "model.block_sizes=[1,1]", "model.d_model=32", "model.n_head=4", "model.d_head=8",
         "model.d_inner=64", "model.hidden_dropout=0.1", "train.log_every=3",
@@ -125,11 +126,12 @@ def test_two_processes_save_restore_and_equal_a_single_process_run(setup):
     assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} over 2 devices, 1 process" in single
 
     out = tmp / "multi"
-    first = _run_two_processes(tmp, corpus, out, "--stop-after", "3")
-    assert "2 process(es)" in first[0] and "stopped after step 3" in first[0]
+    # The (async) save of step 2 is in flight while steps 3 and 4 run on both processes.
+    first = _run_two_processes(tmp, corpus, out, "--stop-after", "4")
+    assert "2 process(es)" in first[0] and "stopped after step 4" in first[0]
     assert not (out / "final").exists()
     second = _run_two_processes(tmp, corpus, out)
-    assert "resuming from the checkpoint of step 3" in second[0]
+    assert "resuming from the checkpoint of step 4" in second[0]
     assert "resuming" not in second[1]  # only process 0 prints
 
     _, ref = fj.from_pretrained(tmp / "single" / "final")
@@ -139,5 +141,9 @@ def test_two_processes_save_restore_and_equal_a_single_process_run(setup):
     )
     worst = max(jax.tree.leaves(diffs))
     assert worst < 1e-6, worst
+    from funnel_jax.checkpoint import TrainCheckpointer
+
+    with TrainCheckpointer(out / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [2, 4, 6]
     # Only process 0 wrote the logs.
     assert (out / "metrics.jsonl").is_file() and (out / "loss_curves.png").is_file()

@@ -200,7 +200,7 @@ def _args(inputs, out, *extra):
     return [
         "--config", "tiny", "--corpus", str(corpus), "--tokenizer", str(tok),
         "--output-dir", str(out), "--seq-len", "32", "--batch-size", "8", "--seed", "3",
-        "--no-progress", "--compile-cache", "",
+        "--no-progress", "--compile-cache", os.environ["FUNNEL_JAX_COMPILE_CACHE"],
         "--set", "model.block_sizes=[1,1]", "model.num_decoder_layers=1", "model.d_model=32",
         "model.n_head=4", "model.d_head=8", "model.d_inner=64", "model.hidden_dropout=0.1",
         "data.eval_fraction=0.1", "data.eval_batches=1", "train.log_every=1",
