@@ -26,7 +26,8 @@ mkdir -p "$LOGDIR"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 export TF_CPP_MIN_LOG_LEVEL=3
 # funnel_jax.runtime.GPU_COMPILER_OPTIONS / GPU_JAX_SETTINGS (keep in step with them)
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false"
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false \
+  --xla_disable_hlo_passes=triton-softmax-rewriter"
 export JAX_THREEFRY_GPU_KERNEL_LOWERING=1
 CACHE_DIR=${CACHE_DIR:-/tmp/funnel_jax_compile_cache}
 PY=${PY:-python3}

@@ -242,3 +242,14 @@ def test_cpu_compile_collectives(cpu_compile):
         kinds = progs[name]["hlo"]["collectives"]
         assert kinds.get("all-gather", {}).get("count", 0) > 0, (name, kinds)
         assert kinds.get("all-reduce", {}).get("count", 0) > 0, (name, kinds)
+
+
+def test_gpu_check_script_uses_the_gpu_settings():
+    """benchmarks/gpu_check.sh sets XLA_FLAGS / JAX_* itself (it runs before the package is
+    installed on the GPU host): every accelerator setting must be in it, as it is written."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    for name, value in runtime.GPU_COMPILER_OPTIONS.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        assert f"--{name}={text}" in script, name
+    for name, value in runtime.GPU_JAX_SETTINGS.items():
+        assert f"{name.upper()}={int(value) if isinstance(value, bool) else value}" in script, name
