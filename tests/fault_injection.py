@@ -31,6 +31,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _write_marker(path: Path, text: str) -> None:
+    """Write the marker whole, then make it appear (a test polls for it and reads it at once)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _install_async_hold() -> None:
     first = os.environ.get("FUNNEL_TEST_ASYNC_HOLD_STEP")
     if first is None:
@@ -54,7 +61,7 @@ def _install_async_hold() -> None:
         step = current["step"]
         if not current["done"] and step is not None and step >= int(first):
             current["done"] = True
-            marker.write_text(f"{step} {directory}\n")
+            _write_marker(marker, f"{step} {directory}\n")
             time.sleep(pause)  # blocks the commit thread only
         return await save_fn(self, x, directory)
 
@@ -72,7 +79,7 @@ def _install_prepare_hold() -> None:
     encode = prepare.encode_examples
 
     def held_encode(*args, **kwargs):
-        Path(marker).write_text("preparing\n")
+        _write_marker(Path(marker), "preparing\n")
         time.sleep(pause)
         return encode(*args, **kwargs)
 
@@ -103,7 +110,7 @@ def _install_hook() -> None:
         if current["done"] or step is None or step < int(first):
             return
         current["done"] = True
-        marker.write_text(f"{step} {directory}\n")
+        _write_marker(marker, f"{step} {directory}\n")
         time.sleep(pause)
 
     handler = ocp.JsonCheckpointHandler
