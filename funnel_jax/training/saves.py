@@ -31,10 +31,6 @@ class TrainingSaves:
         self.on_complete = on_complete
         self._in_flight: dict | None = None  # step, the complete steps before it, info
 
-    @property
-    def in_flight_step(self) -> int | None:
-        return None if self._in_flight is None else self._in_flight["step"]
-
     def start(self, step: int, state, extra: dict, **info) -> None:
         """Save `state` and `extra` at `step`, after the save before it is complete (a failed
         previous save raises here). Synchronous checkpointers finish before returning."""
