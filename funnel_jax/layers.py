@@ -543,23 +543,29 @@ class PositionEncoder(nn.Module):
     def __call__(self, kind: str, positions: list[int], deterministic: bool):
         d = self.config.d_model
         drop = nn.Dropout(self.config.hidden_dropout)
-        sin, cos = structure.sinusoid(positions, d)
+        # Replicated on a mesh: a few [R, D/2] tables, computed on every device at no cost.
+        # Left to the partitioner, they came out split along D (from the projection they
+        # feed), and each concatenation of two halves became an all-to-all.
+        sin, cos = (replicated(x) for x in structure.sinusoid(positions, d))
         if kind == "relative":  # r [R, D] over relative distances
-            return (
-                jnp.concatenate(
-                    [
-                        drop(sin, deterministic=deterministic),
-                        drop(cos, deterministic=deterministic),
-                    ],
-                    axis=-1,
-                ),
+            r = jnp.concatenate(
+                [drop(sin, deterministic=deterministic), drop(cos, deterministic=deterministic)],
+                axis=-1,
             )
+            return (replicated(r),)
         if kind == "query":  # phi, pi [S, D]
             sin_d = drop(sin, deterministic=deterministic)
             cos_d = drop(cos, deterministic=deterministic)
-            return (jnp.concatenate([sin_d, sin_d], -1), jnp.concatenate([cos_d, cos_d], -1))
+            return tuple(
+                replicated(jnp.concatenate(p, -1)) for p in ((sin_d, sin_d), (cos_d, cos_d))
+            )
         # key side: psi, omega [T, D]
-        return (jnp.concatenate([cos, sin], -1), jnp.concatenate([-sin, cos], -1))
+        return tuple(replicated(jnp.concatenate(p, -1)) for p in ((cos, sin), (-sin, cos)))
+
+
+def replicated(x: Array) -> Array:
+    """x, on every device when traced under a mesh with logical-axis rules (else as is)."""
+    return nn.with_logical_constraint(x, (None,) * x.ndim)
 
 
 class FunnelEncoder(nn.Module):

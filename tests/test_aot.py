@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,19 @@ def test_cpu_compile_collectives(cpu_compile):
         kinds = progs[name]["hlo"]["collectives"]
         assert kinds.get("all-gather", {}).get("count", 0) > 0, (name, kinds)
         assert kinds.get("all-reduce", {}).get("count", 0) > 0, (name, kinds)
+
+
+def test_cpu_compile_all_to_alls_only_move_the_embedding_lookup(cpu_compile):
+    """No all-to-all comes from the model's own layout: the position encodings are replicated
+    (split along D by the partitioner, each concatenation of their sin / cos halves was an
+    all-to-all: 12 of the step's 15). What is left reshards the table lookup, which gathers
+    rows split along D, to the batch split (forward and backward)."""
+    _, _, out = cpu_compile
+    hlo = (out / "train_step.hlo.txt").read_text()
+    ops = re.findall(r" all-to-all\(.*op_name=\"([^\"]*)\"", hlo)
+    assert ops, "no all-to-all found: the embedding lookup's reshard is expected"
+    assert not [o for o in ops if "position_encoder" in o], ops
+    assert all("embeddings" in o.lower() for o in ops), ops
 
 
 def test_gpu_check_script_uses_the_gpu_settings():

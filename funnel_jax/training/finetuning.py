@@ -1215,10 +1215,8 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
             try:
                 jax.block_until_ready(ctx.state)
                 at = int(ctx.state.step)
-                saves.finish()
-                if at == ctx.step and not in_eval["now"] and train_ckpt.latest_step() != at:
-                    save_train_checkpoint(ctx.state, at)
-                saves.finish()
+                consistent = at == ctx.step and not in_eval["now"]
+                saves.save_last(at, lambda: save_train_checkpoint(ctx.state, at), consistent)
                 print(f"\ninterrupted; the newest checkpoint is step {train_ckpt.latest_step()}")
             except Exception as e:  # noqa: BLE001
                 print(f"\ninterrupted; no checkpoint written ({e})", file=sys.stderr)
@@ -1260,10 +1258,9 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
             saves.finish_after_error()
             raise
         state, step, stop, train_time = ctx.state, ctx.step, ctx.stopping, ctx.train_time_s
-        saves.finish()
-        if train_ckpt.latest_step() != step:  # the end, or a stop between save points
-            save_train_checkpoint(state, step)
-        saves.finish()  # on SIGTERM too: the process exits only once its checkpoint is complete
+        # The end, or a stop between save points (on SIGTERM too: the process exits only once
+        # its checkpoint is complete).
+        saves.save_last(step, lambda: save_train_checkpoint(state, step))
         train_ckpt.close()
         if stop:
             return stopped(step, f"checkpoint of step {step} saved")

@@ -521,10 +521,8 @@ def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dic
             if pending:
                 log.write(ctx.step, "train", mean_metrics(jax.device_get(pending)))
             jax.block_until_ready(ctx.state)
-            saves.finish()
-            if ckpt.latest_step() != int(ctx.state.step):
-                save_checkpoint(ctx.state, int(ctx.state.step), ctx.data_state)
-            saves.finish()
+            at = int(ctx.state.step)
+            saves.save_last(at, lambda: save_checkpoint(ctx.state, at, ctx.data_state))
             print(f"\ninterrupted: checkpoint of step {int(ctx.state.step)} saved; rerun to resume")
         except Exception as e:  # noqa: BLE001
             print(f"\ninterrupted; no checkpoint written ({e}); rerun to resume", file=sys.stderr)
@@ -572,10 +570,10 @@ def _pretrain(cfg, out_dir: Path, stop_after, progress, stopper, t_start) -> dic
         saves.finish_after_error()
         raise
     state, step = ctx.state, ctx.step
-    saves.finish()  # a save in flight completes before the last one is decided
-    if ckpt.latest_step() != step:
-        save_checkpoint(state, step, ctx.data_state or train_data.state())
-    saves.finish()  # on SIGTERM too: the process exits only once its checkpoint is complete
+    # On SIGTERM too: the process exits only once its checkpoint is complete.
+    saves.save_last(
+        step, lambda: save_checkpoint(state, step, ctx.data_state or train_data.state())
+    )
     if step < steps:
         log.close()
         ckpt.close()

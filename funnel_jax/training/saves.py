@@ -52,6 +52,15 @@ class TrainingSaves:
         if self.on_complete is not None:
             self.on_complete(flight["info"])
 
+    def save_last(self, step: int, save: Callable[[], None], when: bool = True) -> None:
+        """The save that ends a run (its end, a stop, an interrupt): the save in flight
+        completes, then `save()` runs unless the newest checkpoint is of `step` already (or
+        `when` is false), and completes before this returns: the process may then exit."""
+        self.finish()
+        if when and self.ckpt.latest_step() != step:
+            save()
+        self.finish()
+
     def finish_after_error(self) -> None:
         """On the way out of a failed run: let the save in flight complete, ignoring errors
         (the run's own error is the one to report)."""
