@@ -25,6 +25,7 @@ REMAT_POLICIES = (
     "dots_no_batch",
     "attention_scores",
     "dots_no_batch_probs",
+    "dots_no_batch_probs_masks",
 )
 ATTENTION_IMPLS = ("einsum", "fused_bias")
 
