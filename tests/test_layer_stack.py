@@ -10,6 +10,7 @@ import pytest
 
 import funnel_jax as fj
 from funnel_jax import layer_stack
+from funnel_jax.layers import Dropout
 from funnel_jax.weights import params_to_state_dict, state_dict_to_params
 from tests.reference import sample_inputs, torch_config, torch_model
 
@@ -97,7 +98,7 @@ def test_dropout_masks_differ_between_stacked_layers():
         **inputs,
         deterministic=False,
         rngs={"dropout": jax.random.PRNGKey(1)},
-        capture_intermediates=lambda mdl, _: isinstance(mdl, nn.Dropout),
+        capture_intermediates=lambda mdl, _: isinstance(mdl, Dropout),
         mutable=["intermediates"],
     )
     ffn = state["intermediates"]["encoder"]["blocks_0_stack"]["ffn"]
