@@ -128,17 +128,21 @@ def main(argv=None) -> list[dict]:
     import jax
 
     from funnel_jax import sharding
+    from funnel_jax.dropout import resolve_dropout_rng
 
     config = load_model_config(args.config, args.set, args.remat_policy)
+    # "auto" would read this process's backend (cpu): resolve it for the target instead.
+    config = config.replace(dropout_rng=resolve_dropout_rng(config.dropout_rng, target.platform))
     devices = aot.target_devices(target)
     mesh = sharding.make_mesh(args.mesh, devices=devices)
     sharding.check_divisible(args.batch_size, mesh)
     print(
         f"target {target.name} ({target.kind}, {len(devices)} devices: {devices[0].device_kind}), "
         f"mesh {dict(mesh.shape)}, config {args.config} (remat {config.remat_policy}, scan_layers "
-        f"{getattr(config, 'scan_layers', None)}), batch {args.batch_size}, length "
-        f"{args.seq_len}, {args.dtype}, step {args.step}, jax {jax.__version__}, compiler "
-        f"options {options or '{}'}, prng {jax.config.jax_default_prng_impl}",
+        f"{getattr(config, 'scan_layers', None)}, dropout_rng {config.dropout_rng}), batch "
+        f"{args.batch_size}, length {args.seq_len}, {args.dtype}, step {args.step}, jax "
+        f"{jax.__version__}, compiler options {options or '{}'}, prng "
+        f"{jax.config.jax_default_prng_impl}",
         flush=True,
     )
     kw = dict(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype)
@@ -170,6 +174,7 @@ def main(argv=None) -> list[dict]:
             "mesh": dict(mesh.shape),
             "config": args.config,
             "remat_policy": config.remat_policy,
+            "dropout_rng": config.dropout_rng,
             "batch_size": args.batch_size,
             "seq_len": args.seq_len,
             "dtype": args.dtype,

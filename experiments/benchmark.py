@@ -48,6 +48,11 @@ def parse_args(argv=None):
         help="comma list of einsum,fused_bias: each is timed as its own JAX row, same rounds",
     )
     p.add_argument(
+        "--dropout-rng",
+        default="threefry",
+        help="comma list of threefry,hash (FunnelConfig.dropout_rng): each a JAX row, same rounds",
+    )
+    p.add_argument(
         "--memory-policies",
         default="full,none",
         help="remat policies whose train-step memory --only memory reports (increasing order)",
@@ -141,10 +146,14 @@ def matmul_fn(dtype_name: str):
 def discriminator_loss_fn(module, inputs, labels, dropout_rng):
     """params -> the ELECTRA discriminator loss, dropout on."""
     from funnel_jax import losses
+    from funnel_jax.dropout import dropout_key
 
     def loss_fn(p):
         logits = module.apply(
-            {"params": p}, **inputs, deterministic=False, rngs={"dropout": dropout_rng}
+            {"params": p},
+            **inputs,
+            deterministic=False,
+            rngs={"dropout": dropout_key(dropout_rng, module.config.dropout_rng)},
         ).logits
         return losses.discriminator_loss(logits, labels, inputs["attention_mask"])
 
@@ -618,8 +627,15 @@ def main(argv=None):
     for impl in impls:
         if impl not in ("einsum", "fused_bias"):
             raise SystemExit(f"--attention-impl: {impl!r} is not one of einsum, fused_bias")
+    rngs = args.dropout_rng.split(",")
+    for rng in rngs:
+        if rng not in ("threefry", "hash"):
+            raise SystemExit(f"--dropout-rng: {rng!r} is not one of threefry, hash")
     config = config.replace(
-        remat_policy=args.remat, attention_impl=impls[0], scan_layers=args.scan_layers
+        remat_policy=args.remat,
+        attention_impl=impls[0],
+        scan_layers=args.scan_layers,
+        dropout_rng=rngs[0],
     )
     b, length = args.batch_size, args.seq_len
     only = set(args.only.split(","))
@@ -636,12 +652,19 @@ def main(argv=None):
 
     mm, mm_flops = matmul_fn(args.dtype)
     jbs = {}
-    for impl in impls if parts else ():
-        label = "jax" if impl == impls[0] else f"jax {impl}"
+    variants = [(impl, rngs[0]) for impl in impls] + [(impls[0], r) for r in rngs[1:]]
+    for impl, rng in variants if parts else ():
+        label = " ".join(
+            ["jax", *([impl] if impl != impls[0] else []), *([rng] * (rng != rngs[0]))]
+        )
         # fused_bias has no attention dropout (funnel_jax/layers.py raises): its row runs without.
         drop = {"attention_dropout": 0.0} if impl == "fused_bias" else {}
         jbs[label] = JaxBench(
-            config.replace(attention_impl=impl, **drop), b, length, args.dtype, parts
+            config.replace(attention_impl=impl, dropout_rng=rng, **drop),
+            b,
+            length,
+            args.dtype,
+            parts,
         )
     tb = tbf = tbc = None
     if not args.no_torch and parts:

@@ -28,6 +28,7 @@ REMAT_POLICIES = (
     "dots_no_batch_probs_masks",
 )
 ATTENTION_IMPLS = ("einsum", "fused_bias")
+DROPOUT_RNGS = ("threefry", "hash", "auto")  # funnel_jax/dropout.py
 
 
 def _to_tuple(value, name: str) -> tuple[int, ...]:
@@ -75,6 +76,9 @@ class FunnelConfig:
     # A block's same-shape layers as one nn.scan over parameters stored stacked (faster compiles;
     # funnel_jax/layer_stack.py). Off by default: the per-layer layout of transformers.
     scan_layers: bool = False
+    # How dropout draws its keep masks: "threefry" (jax.random.bernoulli), "hash" (a
+    # counter-based hash, far fewer ops to compile) or "auto" (hash on TPU); funnel_jax/dropout.py.
+    dropout_rng: str = "threefry"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -146,6 +150,8 @@ class FunnelConfig:
             fail("remat_policy", f"must be one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             fail("attention_impl", f"must be one of {ATTENTION_IMPLS}")
+        if self.dropout_rng not in DROPOUT_RNGS:
+            fail("dropout_rng", f"must be one of {DROPOUT_RNGS}")
         if not isinstance(self.scan_layers, bool):
             fail("scan_layers", f"must be true or false, got {self.scan_layers!r}")
 

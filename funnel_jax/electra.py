@@ -51,6 +51,7 @@ import optax
 
 from funnel_jax.config import FunnelConfig
 from funnel_jax.data import SpecialIds
+from funnel_jax.dropout import dropout_key
 from funnel_jax.layers import (
     ACTIVATIONS,
     FunnelDecoder,
@@ -290,8 +291,8 @@ class FunnelGenerator(nn.Module):
 # --------------------------------------------------------------------------- objectives
 
 
-def _dropout_rngs(rng, deterministic):
-    return None if deterministic else {"dropout": rng}
+def _dropout_rngs(rng, deterministic, config: FunnelConfig):
+    return None if deterministic else {"dropout": dropout_key(rng, config.dropout_rng)}
 
 
 class _Objective:
@@ -411,7 +412,7 @@ class ElectraObjective(_Objective):
             m["masked_ids"],
             None,
             deterministic,
-            rngs=_dropout_rngs(r_emb, deterministic),
+            rngs=_dropout_rngs(r_emb, deterministic, self.config),
         )
         table = emb_params["word_embeddings"]["embedding"]
         gen_logits = self.generator.apply(
@@ -422,7 +423,7 @@ class ElectraObjective(_Objective):
             tt,
             m["positions"],
             deterministic,
-            rngs=_dropout_rngs(r_gen, deterministic),
+            rngs=_dropout_rngs(r_gen, deterministic, self.config),
         )
         stats = self._mlm_stats(gen_logits, m)
         samples = gumbel_sample(r_sample, gen_logits).astype(ids.dtype)
@@ -435,7 +436,7 @@ class ElectraObjective(_Objective):
             am,
             tt,
             deterministic=deterministic,
-            rngs=_dropout_rngs(r_disc, deterministic),
+            rngs=_dropout_rngs(r_disc, deterministic, self.config),
         ).logits.astype(jnp.float32)
         active = am == 1
         bce = optax.sigmoid_binary_cross_entropy(disc_logits, labels)
@@ -487,7 +488,7 @@ class MlmObjective(_Objective):
             attention_mask,
             token_type_ids,
             deterministic=deterministic,
-            rngs=_dropout_rngs(rng, deterministic),
+            rngs=_dropout_rngs(rng, deterministic, self.config),
         ).last_hidden_state
         hidden = take_positions(hidden, positions)
         # FunnelForMaskedLM's TiedLMHead (embeddings.attend + bias), on these positions.

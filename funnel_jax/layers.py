@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from funnel_jax import attention_structure as structure
 from funnel_jax import layer_stack
 from funnel_jax.config import FunnelConfig
+from funnel_jax.dropout import Dropout
 
 Array = jax.Array
 Dtype = Any
@@ -153,25 +154,6 @@ class WordEmbeddings(nn.Module):
         return matmul_last(x, self.embedding.astype(self.dtype).T, 1)
 
 
-class Dropout(nn.Module):
-    """Inverted dropout (as nn.Dropout) whose keep mask is named "dropout_mask", so that a
-    remat policy can keep it (`dots_no_batch_probs_masks`) instead of drawing its random bits
-    again in the backward pass: on TPU the threefry bits are most of the compiled program."""
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        if deterministic or self.rate == 0.0:
-            return x
-        if self.rate == 1.0:
-            return jnp.zeros_like(x)
-        keep_prob = 1.0 - self.rate
-        keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, x.shape)
-        keep = checkpoint_name(keep, "dropout_mask")
-        return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
-
-
 class FunnelEmbeddings(nn.Module):
     config: FunnelConfig
     dtype: Dtype = jnp.float32
@@ -181,7 +163,7 @@ class FunnelEmbeddings(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.word_embeddings = WordEmbeddings(self.config, **kw)
         self.layer_norm = LayerNorm(self.config.layer_norm_eps, **kw)
-        self.dropout = Dropout(self.config.hidden_dropout)
+        self.dropout = Dropout(self.config.hidden_dropout, rng=self.config.dropout_rng)
 
     def __call__(self, input_ids=None, inputs_embeds=None, deterministic=True) -> Array:
         if inputs_embeds is None:
@@ -393,7 +375,9 @@ class FunnelRelMultiheadAttention(nn.Module):
             content = score_einsum("NBSH,NBTH->NBST", shifted(r_w_bias), heads_first(k_bsnh))
             score = content + bias + mask_bias
             prob = checkpoint_name(jax.nn.softmax(score, axis=-1).astype(dt), "attention_probs")
-            prob = Dropout(cfg.attention_dropout)(prob, deterministic=deterministic)
+            prob = Dropout(cfg.attention_dropout, rng=cfg.dropout_rng)(
+                prob, deterministic=deterministic
+            )
             attn = jnp.einsum("NBST,NBTH->NBSH", prob, heads_first(v_bsnh))
             attn = attn.transpose(1, 2, 0, 3)  # BSNH
 
@@ -407,7 +391,9 @@ class FunnelRelMultiheadAttention(nn.Module):
             name="post_proj",
             **kw,
         )(attn)
-        out = Dropout(cfg.hidden_dropout)(out + out_bias, deterministic=deterministic)
+        out = Dropout(cfg.hidden_dropout, rng=cfg.dropout_rng)(
+            out + out_bias, deterministic=deterministic
+        )
         residual = query.astype(jnp.float32) + out.astype(jnp.float32)
         out = LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm")(residual)
         return out, (prob.transpose(1, 0, 2, 3) if output_attentions else None)  # BNST
@@ -448,9 +434,9 @@ class FunnelPositionwiseFFN(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = dense(cfg, cfg.d_inner, cfg.d_model, "linear_1", axes=("embed", "mlp"), **kw)(x)
         h = ACTIVATIONS[cfg.hidden_act](h)
-        h = Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
+        h = Dropout(cfg.activation_dropout, rng=cfg.dropout_rng)(h, deterministic=deterministic)
         h = dense(cfg, cfg.d_model, cfg.d_inner, "linear_2", axes=("mlp", "embed"), **kw)(h)
-        h = Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        h = Dropout(cfg.hidden_dropout, rng=cfg.dropout_rng)(h, deterministic=deterministic)
         residual = x.astype(jnp.float32) + h.astype(jnp.float32)
         return LayerNorm(cfg.layer_norm_eps, name="layer_norm", **kw)(residual)
 
@@ -567,7 +553,7 @@ class PositionEncoder(nn.Module):
     @nn.compact
     def __call__(self, kind: str, positions: list[int], deterministic: bool):
         d = self.config.d_model
-        drop = Dropout(self.config.hidden_dropout)
+        drop = Dropout(self.config.hidden_dropout, rng=self.config.dropout_rng)
         # Replicated on a mesh: a few [R, D/2] tables, computed on every device at no cost.
         # Left to the partitioner, they came out split along D (from the projection they
         # feed), and each concatenation of two halves became an all-to-all.

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from funnel_jax import losses
 from funnel_jax.config import FunnelConfig
+from funnel_jax.dropout import Dropout
 from funnel_jax.layers import (
     ACTIVATIONS,
     FunnelDecoder,
@@ -256,7 +257,9 @@ class FunnelClassificationHead(_Module):
         h = dense(
             cfg, cfg.d_model, cfg.d_model, "linear_hidden", axes=("embed", "mlp"), **self._kw
         )(hidden)
-        h = nn.Dropout(cfg.hidden_dropout)(jnp.tanh(h), deterministic=deterministic)
+        h = Dropout(cfg.hidden_dropout, rng=cfg.dropout_rng)(
+            jnp.tanh(h), deterministic=deterministic
+        )
         return dense(
             cfg, self.num_outputs, cfg.d_model, "linear_out", axes=("mlp", "labels"), **self._kw
         )(h)
@@ -350,7 +353,7 @@ class FunnelForTokenClassification(_Module):
     def setup(self):
         cfg = self.config
         self.funnel = FunnelModel(cfg, **self._kw)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout, rng=cfg.dropout_rng)
         self.classifier = dense(
             cfg, cfg.num_labels, cfg.d_model, "classifier", axes=("embed", "labels"), **self._kw
         )

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import funnel_jax as fj  # noqa: E402
 from funnel_jax import losses, sharding  # noqa: E402
+from funnel_jax.dropout import dropout_key  # noqa: E402
 from funnel_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
 from funnel_jax.train_state import TrainState, jit_train_step, make_train_step  # noqa: E402
 
@@ -30,7 +31,7 @@ MESHES = {
 }
 
 
-def setup():
+def setup(dropout_rng: str = "threefry"):
     config = fj.FunnelConfig(
         vocab_size=64,
         block_sizes=[1, 1, 1],
@@ -40,6 +41,7 @@ def setup():
         d_inner=64,
         hidden_dropout=0.1,
         attention_dropout=0.1,
+        dropout_rng=dropout_rng,
     )
     module = fj.FunnelForPreTraining(config=config)
     tx = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=10, weight_decay=0.01))
@@ -51,7 +53,7 @@ def setup():
             batch["attention_mask"],
             batch["token_type_ids"],
             deterministic=False,
-            rngs={"dropout": rng},
+            rngs={"dropout": dropout_key(rng, dropout_rng)},
         )
         loss = losses.discriminator_loss(out.logits, batch["labels"], batch["attention_mask"])
         return loss, {}
@@ -111,9 +113,54 @@ def main():
         }
         if name == "mixed":
             report["restore"] = restore_elsewhere(new_state, module, init)
+    report["hash_dropout"] = hash_dropout_on_meshes()
     report["finetune"] = finetune_on_mesh()
     report["finetune_init"] = finetune_from_file_on_mesh()
     print("RESULT " + json.dumps(report))
+
+
+def hash_dropout_on_meshes():
+    """The step with hashed dropout masks (dropout_rng="hash") on two meshes against one
+    device, and its masks alone under several output shardings."""
+    module, init, train_step, batch = setup("hash")
+    single_state, single_metrics = jax.jit(train_step)(init(), batch)
+    out = {}
+    for name in ("fsdp", "mixed"):
+        mesh = sharding.make_mesh(MESHES[name])
+        state, state_sh = sharding.create_sharded_state(init, module, mesh)
+        with sharding.use_mesh(mesh):
+            step = jit_train_step(train_step, shardings=(state_sh, sharding.batch_sharding(mesh)))
+            new_state, metrics = step(state, sharding.shard_batch(batch, mesh))
+        out[name] = {
+            "loss": float(metrics["loss"]),
+            "single_loss": float(single_metrics["loss"]),
+            "max_param_diff": max(
+                float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(
+                    jax.tree.leaves(new_state.params),
+                    jax.tree.leaves(single_state.params),
+                    strict=True,
+                )
+            ),
+        }
+    from jax.sharding import NamedSharding
+
+    from funnel_jax.dropout import hash_keep_mask
+
+    key = dropout_key(jax.random.key(7))
+    draw = lambda k: hash_keep_mask(k, 0.9, (8, 4, 16, 32))  # noqa: E731
+    ref = np.asarray(jax.jit(draw)(key))
+    mesh = sharding.make_mesh("data=2,fsdp=4")
+    specs = [P("data", "fsdp"), P(None, None, "data", "fsdp"), P(("data", "fsdp")), P(None, "fsdp")]
+    out["mask_equal"] = {
+        str(spec): bool(
+            np.array_equal(
+                np.asarray(jax.jit(draw, out_shardings=NamedSharding(mesh, spec))(key)), ref
+            )
+        )
+        for spec in specs
+    }
+    return out
 
 
 def finetune_on_mesh():

@@ -42,6 +42,18 @@ def test_one_step_equals_single_device(report, mesh):
     assert r["max_param_diff"] < 1e-5, r
 
 
+@pytest.mark.parametrize("mesh", ["fsdp", "mixed"])
+def test_hashed_dropout_step_equals_single_device(report, mesh):
+    r = report["hash_dropout"][mesh]
+    assert abs(r["loss"] - r["single_loss"]) < 1e-6, r
+    assert r["max_param_diff"] < 1e-5, r
+
+
+def test_hashed_masks_are_the_same_under_any_output_sharding(report):
+    equal = report["hash_dropout"]["mask_equal"]
+    assert len(equal) == 4 and all(equal.values()), equal
+
+
 @pytest.mark.parametrize("mesh", ["data", "fsdp", "tensor", "mixed"])
 def test_parameters_are_sharded_by_the_rules(report, mesh):
     r = report[mesh]

@@ -174,7 +174,12 @@ HEADS = [
     ("FunnelForPreTraining", dict(scan_layers=True, block_sizes=[3, 2, 2]), None),
     (  # what configs/models/large.json ships
         "FunnelForPreTraining",
-        dict(scan_layers=True, remat_policy="dots_no_batch_probs", block_sizes=[3, 2, 2]),
+        dict(
+            scan_layers=True,
+            remat_policy="dots_no_batch_probs",
+            dropout_rng="hash",
+            block_sizes=[3, 2, 2],
+        ),
         None,
     ),
     (

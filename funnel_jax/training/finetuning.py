@@ -899,6 +899,7 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
 
     from funnel_jax.checkpoint import TrainCheckpointer, save_model_dir
     from funnel_jax.data import truncation_stride
+    from funnel_jax.dropout import dropout_key
     from funnel_jax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
     from funnel_jax.tasks import EncodeSettings
     from funnel_jax.train_state import jit_train_step, make_train_step
@@ -1001,7 +1002,10 @@ def _finetune(cfg: FinetuneConfig, out_dir: Path, progress: bool, stopper, t_sta
 
     def loss_fn(p, batch, dropout_rng):
         out = module.apply(
-            {"params": p}, **batch, deterministic=False, rngs={"dropout": dropout_rng}
+            {"params": p},
+            **batch,
+            deterministic=False,
+            rngs={"dropout": dropout_key(dropout_rng, module.config.dropout_rng)},
         )
         return out.loss, {}
 
