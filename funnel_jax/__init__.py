@@ -2,6 +2,7 @@
 
 from funnel_jax import training
 from funnel_jax.config import FunnelConfig
+from funnel_jax.dropout import dropout_key
 from funnel_jax.models import (
     MODEL_CLASSES,
     FunnelBaseModel,
@@ -30,6 +31,7 @@ __all__ = [
     "FunnelForTokenClassification",
     "FunnelModel",
     "abstract_params",
+    "dropout_key",
     "finetune",
     "from_pretrained",
     "init_params",

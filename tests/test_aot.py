@@ -267,3 +267,20 @@ def test_gpu_check_script_uses_the_gpu_settings():
         assert f"--{name}={text}" in script, name
     for name, value in runtime.GPU_JAX_SETTINGS.items():
         assert f"{name.upper()}={int(value) if isinstance(value, bool) else value}" in script, name
+
+
+def test_make_mesh_splits_physical_axes_when_the_torus_does_not_factor(monkeypatch):
+    """jax.make_mesh refuses data=8,fsdp=8 on a 4x4x4 v5p-64 torus (NotImplementedError, seen
+    with the TPU topology); sharding.make_mesh then builds the mesh with split physical axes.
+    Here the refusal is simulated on the host's devices."""
+    from funnel_jax import sharding
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("Failed to find assignment for logical_axis_index 1")
+
+    monkeypatch.setattr(jax, "make_mesh", refuse)
+    devices = jax.devices()[:1]
+    mesh = sharding.make_mesh("data=1,fsdp=1", devices=devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert list(mesh.devices.flat) == devices
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
