@@ -23,6 +23,7 @@ from funnel_jax.dropout import (
     resolve_dropout_rng,
 )
 from funnel_jax.models import FunnelForPreTraining, FunnelModel
+from tests.test_dropout_remat import TINY  # a 2-block stacked model, dropout on
 
 SIGMAS = 5.0  # every statistical bound below: 5 standard deviations (a false alarm ~ 1e-6)
 
@@ -113,18 +114,6 @@ def test_dropout_key_rejects_an_unknown_rng():
         dropout_key(jax.random.key(0), "philox")
     with pytest.raises(ValueError, match="FunnelConfig.dropout_rng"):
         FunnelConfig(dropout_rng="philox")
-
-
-TINY = dict(
-    vocab_size=64,
-    block_sizes=[2, 1],
-    d_model=32,
-    n_head=2,
-    d_head=16,
-    d_inner=64,
-    num_decoder_layers=1,
-    scan_layers=True,
-)
 
 
 def test_hashed_dropout_in_the_model():
