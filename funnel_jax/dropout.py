@@ -14,8 +14,10 @@ Two ways to draw the bits, chosen by `FunnelConfig.dropout_rng` ("auto": "hash" 
   (the partitioner slices the iotas). Its statistics are tested in tests/test_dropout.py; it
   is not a cryptographic generator, nor meant for anything but dropout masks.
 
-The per-layer key itself comes from flax's `make_rng("dropout")` in both cases (one scalar
-fold-in per site), so the two options differ only in the per-element draw.
+The per-layer key comes from flax's `make_rng("dropout")`: a `fold_in` of the stream's key
+per site. With a plain (threefry) stream key that is one scalar threefry per site; with the
+key `dropout_key` returns (a key of `HASH_PRNG`, below) it is a hash as well, and so is
+`nn.scan`'s `split` of the stream over stacked layers.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ DROPOUT_RNGS = ("threefry", "hash", "auto")
 
 def resolve_dropout_rng(dropout_rng: str, platform: str | None = None) -> str:
     """ "threefry" or "hash" for a `FunnelConfig.dropout_rng`. "auto" picks "hash" on TPU, where
-    it cuts the `large` step's compile by a quarter, and "threefry" on GPU, where the threefry
+    it cuts the `large` step's compile by about 30%, and "threefry" on GPU, where the threefry
     custom kernel compiles faster than the hash fused into its consumers (BENCHMARKS.md,
     session 9) and on CPU. `platform` defaults to `jax.default_backend()`; a deviceless
     compile for another target passes the target's.
