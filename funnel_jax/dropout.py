@@ -28,9 +28,9 @@ import jax.extend
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-Array = jax.Array
+from funnel_jax.config import DROPOUT_RNGS
 
-DROPOUT_RNGS = ("threefry", "hash", "auto")
+Array = jax.Array
 
 
 def resolve_dropout_rng(dropout_rng: str, platform: str | None = None) -> str:
