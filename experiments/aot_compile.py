@@ -49,8 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--settings",
         default="none",
-        choices=["none", "fast-compile"],
-        help="fast-compile: funnel_jax.runtime.accelerator_settings of the target",
+        choices=["none", "fast-compile", "compile-check"],
+        help="fast-compile: funnel_jax.runtime.accelerator_settings of the target (what the "
+        "training commands apply); compile-check: those plus XLA's lowest optimization level, "
+        "to check that a configuration compiles and fits (not the program training runs)",
     )
     p.add_argument("--json", default=None, help="write the numbers to this JSON file")
     p.add_argument("--hlo-dir", default=None, help="write each compiled program's HLO text here")
@@ -85,6 +87,14 @@ def load_model_config(name: str, overrides: list[str], remat_policy: str | None)
     return config.replace(**changes) if changes else config
 
 
+def optimization_level() -> str:
+    """jax_optimization_level ('O0'..'O3'), 'default' when unset (the compiler's own)."""
+    import jax
+
+    level = str(jax.config.jax_optimization_level)
+    return "default" if level == "UNKNOWN" else level
+
+
 def format_report(r: dict) -> str:
     h, m = r["hlo"], r["memory"]
     lines = [
@@ -107,6 +117,14 @@ def format_report(r: dict) -> str:
             f"{m['outputs'] / GIB:.2f} GiB (aliased {m['aliased'] / GIB:.2f}), temporaries "
             f"{m['temporaries'] / GIB:.2f} GiB, peak {m['peak'] / GIB:.2f} GiB"
         )
+    if h.get("estimated_cycles"):
+        unknown = h.get("loops_without_trip_count", 0)
+        lines.append(
+            f"  TPU cost model: {h['estimated_cycles'] / 1e6:,.1f} M cycles per step per chip "
+            "(the compiler's static estimate of the compute, loop bodies times their trip "
+            "counts" + (f"; {unknown} loops without a trip count counted once" if unknown else "")
+            + ")"
+        )  # fmt: skip
     lines.append(f"  model FLOPs {r['model_flops'] / 1e12:.3f} TFLOP (analytic, global batch)")
     return "\n".join(lines)
 
@@ -119,10 +137,12 @@ def main(argv=None) -> list[dict]:
     if target.kind != "cpu" and os.environ.get("JAX_PLATFORMS", "") != "cpu":
         print("note: set JAX_PLATFORMS=cpu for deviceless compiles", file=sys.stderr)
     options = dict(aot.parse_compiler_options(args.xla_option))
-    if args.settings == "fast-compile":
-        from funnel_jax.runtime import accelerator_settings
+    if args.settings in ("fast-compile", "compile-check"):
+        from funnel_jax.runtime import COMPILE_CHECK_JAX_SETTINGS, accelerator_settings
 
         settings = accelerator_settings(target.platform)
+        if args.settings == "compile-check":
+            settings["jax"].update(COMPILE_CHECK_JAX_SETTINGS)
         aot.apply_jax_settings(settings["jax"])
         options = {**settings["compiler_options"], **options}
     import jax
@@ -142,7 +162,8 @@ def main(argv=None) -> list[dict]:
         f"{getattr(config, 'scan_layers', None)}, dropout_rng {config.dropout_rng}), batch "
         f"{args.batch_size}, length {args.seq_len}, {args.dtype}, step {args.step}, jax "
         f"{jax.__version__}, compiler options {options or '{}'}, prng "
-        f"{jax.config.jax_default_prng_impl}",
+        f"{jax.config.jax_default_prng_impl}, settings {args.settings} (optimization level "
+        f"{optimization_level()})",
         flush=True,
     )
     kw = dict(batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype)
@@ -181,6 +202,8 @@ def main(argv=None) -> list[dict]:
             "step": args.step,
             "compiler_options": options,
             "prng": jax.config.jax_default_prng_impl,
+            "settings": args.settings,
+            "optimization_level": optimization_level(),
         }
         Path(args.json).write_text(json.dumps({"meta": meta, "programs": reports}, indent=1))
     return reports

@@ -24,6 +24,11 @@ HLO statistics (`hlo_stats(text)`) are read from the compiled program's text:
   the `-start` of async pairs counted once) with their bytes per device (the larger of the
   operands and the results: the gathered side of an all-gather, the scattered input of a
   reduce-scatter).
+- estimated cycles (TPU): the sum of the `estimated_cycles` that the TPU compiler's cost model
+  writes into each top-level instruction's backend config, a loop body's counted as many times
+  as the loop runs (its trip count, from the backend config or the condition's `i < N`). A
+  static estimate of the step's compute, not a measurement: collectives and DMA waits are not
+  in it. 0 where the compiler writes none (GPU, CPU).
 """
 
 from __future__ import annotations
@@ -470,6 +475,63 @@ def _fused_collectives(rest: str, parsed, short) -> list[tuple[str, int]]:
     return out
 
 
+_CYCLES = re.compile(r'"estimated_cycles"\s*:\s*"?(\d+)')
+_TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+
+
+def _loop_trip_count(rest: str, parsed, short) -> int | None:
+    """Trip count of a `while`: the backend config's known_trip_count, else a condition whose
+    root is `compare(i, constant(N)), direction=LT` (a scan from 0); None if neither."""
+    m = _TRIP_COUNT.search(rest)
+    if m:
+        return int(m.group(1))
+    cond = re.search(r"condition=%?([\w.\-$]+)", rest)
+    rows = parsed.get(short.get(cond.group(1), ""), []) if cond else []
+    constants = {}
+    for name, _shape, op, orest in rows:
+        if op == "constant":
+            c = re.match(r"\s*(-?\d+)\)", orest)
+            if c:
+                constants[name] = int(c.group(1))
+    for _name, _shape, op, orest in rows:
+        if op == "compare" and "direction=LT" in orest:
+            args = re.findall(r"%([\w.\-$]+)", _operands_text(orest))
+            if len(args) == 2 and args[1] in constants:
+                return constants[args[1]]
+    return None
+
+
+def _execution_counts(parsed, short, fused: set[str]) -> tuple[dict[str, int], int]:
+    """How many times each non-fused computation runs per call of the entry (loop bodies: their
+    trip counts, nested loops multiplied), and how many loops had no readable trip count (they
+    count once)."""
+    entry = next((name for name in parsed if name.startswith("ENTRY|")), None)
+    counts = {entry: 1} if entry else {}
+    unknown = 0
+    frontier = [entry] if entry else []
+    while frontier:
+        comp = frontier.pop()
+        for _, _, op, rest in parsed[comp]:
+            edges = []
+            if op == "while":
+                n = _loop_trip_count(rest, parsed, short)
+                unknown += n is None
+                body = re.search(r"body=%?([\w.\-$]+)", rest)
+                if body:
+                    edges.append((body.group(1), 1 if n is None else n))
+            elif op != "fusion":
+                for attr in ("to_apply", "calls", "branch_computations"):
+                    for group in re.findall(attr + r"=\{?([^}=]*?)\}?(?:,\s*\w+=|$)", rest):
+                        edges += [(c, 1) for c in re.findall(r"%?([\w.\-$]+)", group)]
+            for callee, n in edges:
+                full = short.get(callee)
+                if full is None or callee in fused or full in counts:
+                    continue
+                counts[full] = counts[comp] * n
+                frontier.append(full)
+    return counts, unknown
+
+
 def hlo_stats(text: str) -> dict[str, Any]:
     """Counts of an optimised HLO module's text (see the module docstring for definitions)."""
     comps = _split_computations(text)
@@ -499,6 +561,8 @@ def hlo_stats(text: str) -> dict[str, Any]:
             frontier += re.findall(r"calls=%?([\w.\-$]+)", rest)
             frontier += re.findall(r"to_apply=%?([\w.\-$]+)", rest)
 
+    runs, unknown_trips = _execution_counts(parsed, short, fused)
+    estimated_cycles = 0
     fusion_kinds: Counter = Counter()
     custom_calls: Counter = Counter()
     collectives: dict[str, dict[str, int]] = {}
@@ -509,6 +573,9 @@ def hlo_stats(text: str) -> dict[str, Any]:
             continue
         for _, shape, op, rest in rows:
             instructions += 1
+            cycles = _CYCLES.search(rest)
+            if cycles:
+                estimated_cycles += int(cycles.group(1)) * runs.get(name, 1)
             if op == "fusion":
                 kernels += 1
                 for kind_, nbytes in _fused_collectives(rest, parsed, short):
@@ -546,6 +613,8 @@ def hlo_stats(text: str) -> dict[str, Any]:
         "while_loops": sum(op == "while" for rows in parsed.values() for _, _, op, _ in rows),
         "instructions": instructions,
         "computations": len(parsed),
+        "estimated_cycles": estimated_cycles,
+        "loops_without_trip_count": unknown_trips,
     }
 
 

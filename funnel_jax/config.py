@@ -78,6 +78,8 @@ class FunnelConfig:
     scan_layers: bool = False
     # How dropout draws its keep masks: "threefry" (jax.random.bernoulli), "hash" (a
     # counter-based hash, far fewer ops to compile) or "auto" (hash on TPU); funnel_jax/dropout.py.
+    # The pretraining objectives follow it for their per-element draws (which tokens to mask,
+    # the generator sampling's Gumbel noise): funnel_jax/electra.py.
     dropout_rng: str = "threefry"
 
     def __post_init__(self):

@@ -27,6 +27,10 @@ ELECTRA as the original Funnel code trains it (tensorflow/pretrain.py, modeling.
   token (transformers' convention; the original TF code uses the opposite sign).
 - loss = generator MLM cross-entropy (mean over targets) + disc_weight (50) x discriminator BCE
   (mean over attention_mask == 1 tokens).
+- Random draws (which tokens, the replacement kinds, the Gumbel noise) use JAX's threefry, or
+  with the model's `dropout_rng` "hash" (or "auto" on TPU) the counter-based hash of
+  funnel_jax/dropout.py, as the dropout masks do: a pure function of (key, element index), so
+  the same on every mesh.
 
 The MLM objective trains a FunnelForMaskedLM on the same masking (its head is applied to the
 target positions only; same numbers as the full module, see tests).
@@ -332,8 +336,9 @@ class _Objective:
         self._special_ids = np.unique(np.asarray(special.all, np.int32))
 
     def mask(self, rng, batch):
+        # With dropout_rng "hash" the masking's uniform draws are hashes too (HASH_PRNG).
         return mask_tokens(
-            rng,
+            dropout_key(rng, self.config.dropout_rng),
             jnp.asarray(batch["input_ids"]),
             jnp.asarray(batch["attention_mask"]),
             special_ids=self._special_ids,
@@ -426,6 +431,9 @@ class ElectraObjective(_Objective):
             rngs=_dropout_rngs(r_gen, deterministic, self.config),
         )
         stats = self._mlm_stats(gen_logits, m)
+        # [B, P, vocab] Gumbel noise: with dropout_rng "hash" a hash per element instead of
+        # threefry's 20 rounds, the largest fusion of the TPU step (BENCHMARKS.md, session 10).
+        r_sample = dropout_key(r_sample, self.config.dropout_rng)
         samples = gumbel_sample(r_sample, gen_logits).astype(ids.dtype)
         samples = jnp.where(m["valid"], samples, m["targets"])
         sampled_ids = put_positions(ids, m["positions"], samples)

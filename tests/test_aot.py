@@ -129,6 +129,74 @@ def test_hlo_stats_counts_known_module():
     }
 
 
+# TPU cost-model cycles: entry fusion 100 + outer loop (known_trip_count 3) x (its fusion 10 +
+# inner loop (i < 4, from the condition) x fusion 1) = 100 + 3 x (10 + 4) = 142; the nested
+# fusion's 1000 inside a fused computation is part of its caller's estimate, not added.
+CYCLES_HLO = """\
+HloModule jit_step
+
+%fused (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  %nested = f32[8]{0} fusion(f32[8]{0} %p), kind=kLoop, calls=%fused_inner, backend_config={"window_config":{"estimated_cycles":"1000"}}
+  ROOT %n = f32[8]{0} negate(f32[8]{0} %nested)
+}
+
+%fused_inner (q: f32[8]) -> f32[8] {
+  %q = f32[8]{0} parameter(0)
+  ROOT %e = f32[8]{0} exponential(f32[8]{0} %q)
+}
+
+%inner_body (s: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %s = (s32[], f32[8]{0}) parameter(0)
+  %v = f32[8]{0} get-tuple-element(%s), index=1
+  %f = f32[8]{0} fusion(f32[8]{0} %v), kind=kLoop, calls=%fused, backend_config={"flag_configs":[],"window_config":{"estimated_cycles":"1"}}
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i0, %f)
+}
+
+%inner_cond (s.1: (s32[], f32[8])) -> pred[] {
+  %s.1 = (s32[], f32[8]{0}) parameter(0)
+  %c4 = s32[]{:T(128)} constant(4)
+  %i = s32[]{:T(128)} get-tuple-element(%s.1), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %c4), direction=LT
+}
+
+%outer_body (s.2: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %s.2 = (s32[], f32[8]{0}) parameter(0)
+  %v.2 = f32[8]{0} get-tuple-element(%s.2), index=1
+  %g = f32[8]{0} fusion(f32[8]{0} %v.2), kind=kLoop, calls=%fused, backend_config={"window_config":{"estimated_cycles":"10"}}
+  %w.in = (s32[], f32[8]{0}) while(%s.2), condition=%inner_cond, body=%inner_body
+  ROOT %t.2 = (s32[], f32[8]{0}) tuple(%i0, %g)
+}
+
+%outer_cond (s.3: (s32[], f32[8])) -> pred[] {
+  %s.3 = (s32[], f32[8]{0}) parameter(0)
+  ROOT %b = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %h = f32[8]{0} fusion(f32[8]{0} %a), kind=kLoop, calls=%fused, backend_config={"window_config":{"estimated_cycles":"100"}}
+  %init = (s32[], f32[8]{0}) tuple(%c0, %h)
+  %w = (s32[], f32[8]{0}) while(%init), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %r = f32[8]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_hlo_stats_weighs_the_cost_model_cycles_by_trip_counts():
+    s = aot.hlo_stats(CYCLES_HLO)
+    assert s["estimated_cycles"] == 100 + 3 * (10 + 4 * 1)
+    assert s["loops_without_trip_count"] == 0
+    assert (
+        aot.hlo_stats(HLO)["estimated_cycles"],
+        aot.hlo_stats(HLO)["loops_without_trip_count"],
+    ) == (0, 1)
+    # a condition that is not `i < constant` gives no trip count: the body counts once
+    unknown = CYCLES_HLO.replace("direction=LT", "direction=NE")
+    assert aot.hlo_stats(unknown)["estimated_cycles"] == 100 + 3 * (10 + 1)
+    assert aot.hlo_stats(unknown)["loops_without_trip_count"] == 1
+
+
 def test_array_bytes_and_tuples():
     assert aot.array_bytes("bf16[16,512,1024]{2,1,0}") == 16 * 512 * 1024 * 2
     assert aot.array_bytes("(f32[2,3]{1,0}, pred[7]{0}, s32[])") == 24 + 7 + 4
@@ -183,6 +251,17 @@ def test_compiler_options_and_accelerator_settings(monkeypatch):
     runtime.apply_accelerator_settings("cuda")  # idempotent
     assert os.environ["XLA_FLAGS"].count("triton_gemm") == 1
     assert os.environ["XLA_FLAGS"].count("xla_disable_hlo_passes") == 1
+
+
+def test_compile_check_settings_lower_the_optimization_level():
+    settings = runtime.COMPILE_CHECK_JAX_SETTINGS
+    assert settings == {"jax_optimization_level": "O0"}
+    before = jax.config.jax_optimization_level
+    try:
+        aot.apply_jax_settings(settings)  # names and values jax.config accepts
+        assert str(jax.config.jax_optimization_level) == "O0"
+    finally:
+        jax.config.update("jax_optimization_level", before)
 
 
 def test_gpu_compiler_options_are_valid_xla_options():

@@ -8,6 +8,7 @@ invariance of a whole training step is checked in tests/test_mesh.py.
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -183,3 +184,52 @@ def test_auto_picks_the_hash_on_tpu_only():
     assert jax.random.key_impl(dropout_key(jax.random.key(0), "auto")) != HASH_PRNG
     with pytest.raises(ValueError, match="dropout_rng"):
         resolve_dropout_rng("fast")
+
+
+@pytest.mark.parametrize("rng", ["threefry", "hash"])
+def test_gumbel_samples_follow_the_softmax(rng):
+    """The ELECTRA generator's sampling (argmax of logits + Gumbel noise) draws each category
+    with its softmax probability, with hashed noise as with threefry's."""
+    from funnel_jax.electra import gumbel_sample
+
+    logits = jnp.asarray([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, 1.5])
+    n = 1 << 17
+    key = dropout_key(jax.random.key(8), rng)
+    samples = np.asarray(jax.jit(gumbel_sample)(key, jnp.broadcast_to(logits, (n, 8))))
+    counts = np.bincount(samples, minlength=8)
+    p = np.asarray(jax.nn.softmax(logits), np.float64)
+    sd = np.sqrt(n * p * (1 - p))
+    assert np.all(np.abs(counts - n * p) < SIGMAS * sd), (counts, n * p)
+
+
+def _threefry_draw_sizes(lowered_text: str) -> list[int]:
+    """Elements of each threefry call's first result in a lowered (StableHLO) program."""
+    sizes = []
+    for line in lowered_text.splitlines():
+        if "call @" in line and "threefry" in line:
+            result = line.rsplit("->", 1)[-1]
+            dims = re.search(r"tensor<([\dx]*)x?ui32>", result)
+            shape = [int(d) for d in dims.group(1).split("x") if d] if dims else []
+            sizes.append(int(np.prod(shape)) if shape else 1)
+    return sizes
+
+
+def test_hashed_pretraining_objective_draws_no_threefry_per_element():
+    """With dropout_rng="hash" the ELECTRA step's masking and sampling are hashes as well: the
+    only threefry left is the step key's split into its 5 streams."""
+    from funnel_jax import electra
+    from funnel_jax.data import SpecialIds
+
+    special = SpecialIds(cls=2, sep=3, pad=0, mask=4, all=(0, 1, 2, 3, 4), vocab_size=64)
+    ids = jnp.full((2, 16), 7, jnp.int32).at[:, 0].set(2)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "token_type_ids": ids * 0}
+    sizes = {}
+    for rng in ("threefry", "hash"):
+        config = FunnelConfig(**{**TINY, "n_head": 4, "d_head": 8, "dropout_rng": rng})
+        objective = electra.make_objective(config, electra.ObjectiveConfig(), special, 16)
+        params = objective.abstract_params()  # lowering needs the shapes only
+        text = jax.jit(objective.loss).lower(params, batch, jax.random.PRNGKey(1)).as_text()
+        sizes[rng] = _threefry_draw_sizes(text)
+    # with threefry: the masking's [2, 16] uniform draw and the [2, P, 64] Gumbel noise
+    assert max(sizes["threefry"]) >= 2 * 16, sizes["threefry"]
+    assert sizes["hash"] and max(sizes["hash"]) <= 5 * 2, sizes["hash"]
