@@ -23,7 +23,7 @@ from funnel_jax.dropout import (
     hash_keep_mask,
     resolve_dropout_rng,
 )
-from funnel_jax.models import FunnelForPreTraining, FunnelModel
+from funnel_jax.models import FunnelForPreTraining, FunnelModel, init_params
 from tests.test_dropout_remat import TINY  # a 2-block stacked model, dropout on
 
 SIGMAS = 5.0  # every statistical bound below: 5 standard deviations (a false alarm ~ 1e-6)
@@ -154,9 +154,11 @@ def test_hashed_dropout_under_remat_gives_the_unrematerialized_gradients():
     ids = jnp.asarray(rs.randint(0, 64, (2, 16)))
     labels = jnp.asarray(rs.randint(0, 2, (2, 16)))
     out = {}
+    params = None  # the same tree for both policies: initialise once
     for policy in ("none", "dots_no_batch_probs"):  # the shipped large's policy
         module = FunnelForPreTraining(FunnelConfig(**TINY, remat_policy=policy, dropout_rng="hash"))
-        params = module.init({"params": jax.random.key(0)}, ids)["params"]
+        if params is None:
+            params = init_params(module, jax.random.key(0))
 
         def loss(p, module=module):
             return module.apply(
