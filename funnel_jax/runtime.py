@@ -97,9 +97,9 @@ TPU_JAX_SETTINGS: dict[str, object] = {}
 
 # For checking a configuration, not for training: XLA's lowest optimization level
 # (`experiments.aot_compile --settings compile-check`). The TPU `large` step then compiles in
-# about a third of the time with the same collectives and memory within 2%, but the program
-# is less optimised, and its run-time cost is not measured (BENCHMARKS.md, session 10). No
-# entry point applies it.
+# about a third of the time with the same collectives and about 2% more memory, but the program
+# is less optimised: the TPU compiler's cost model puts its compute at 3.3 times the default
+# program's (an estimate; BENCHMARKS.md, session 10). No entry point applies it.
 COMPILE_CHECK_JAX_SETTINGS: dict[str, object] = {"jax_optimization_level": "O0"}
 
 
