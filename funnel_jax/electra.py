@@ -432,7 +432,7 @@ class ElectraObjective(_Objective):
         )
         stats = self._mlm_stats(gen_logits, m)
         # [B, P, vocab] Gumbel noise: with dropout_rng "hash" a hash per element instead of
-        # threefry's 20 rounds, the largest fusion of the TPU step (BENCHMARKS.md, session 10).
+        # threefry's 20 rounds (on TPU a third of the fusion's estimated cycles; BENCHMARKS.md).
         r_sample = dropout_key(r_sample, self.config.dropout_rng)
         samples = gumbel_sample(r_sample, gen_logits).astype(ids.dtype)
         samples = jnp.where(m["valid"], samples, m["targets"])
