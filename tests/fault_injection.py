@@ -6,8 +6,8 @@ tests/test_reliability.py; not part of the package).
 
 The first training-checkpoint save of a step >= N pauses for FUNNEL_TEST_SAVE_SLEEP seconds in
 the middle of the Orbax write (the step's `<step>.orbax-checkpoint-tmp-*` directory exists, the
-`state` item is written, `extra` is not, nothing is finalised) after writing the step number
-into the marker file, so that the test can SIGKILL the process at that exact moment. Without
+`state` item's write has begun, `extra`'s has not, nothing is finalised) after writing the step
+number into the marker file, so that the test can SIGKILL the process at that exact moment. Without
 the variables this is `python -m experiments.pretrain`.
 
     FUNNEL_TEST_ASYNC_HOLD_STEP=N FUNNEL_TEST_SAVE_MARKER=... FUNNEL_TEST_SAVE_SLEEP=60 ...
@@ -38,6 +38,22 @@ def _write_marker(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _wait_for_tmp_dir(checkpoints: Path, step: int, timeout: float = 120.0) -> None:
+    """Wait until Orbax has made the step's `<step>.orbax-checkpoint-tmp-*` directory.
+
+    Orbax creates it in a background thread while the items' writes start (its default
+    `create_directories_asynchronously`), so a held write can begin before the directory the
+    test looks for exists.
+    """
+    t0 = time.time()
+    while not any(checkpoints.glob(f"{step}.orbax-checkpoint-tmp*")):
+        if time.time() - t0 > timeout:
+            raise RuntimeError(
+                f"no {step}.orbax-checkpoint-tmp* in {checkpoints} after {timeout} s"
+            )
+        time.sleep(0.01)
+
+
 def _install_async_hold() -> None:
     first = os.environ.get("FUNNEL_TEST_ASYNC_HOLD_STEP")
     if first is None:
@@ -48,11 +64,11 @@ def _install_async_hold() -> None:
 
     marker = Path(os.environ["FUNNEL_TEST_SAVE_MARKER"])
     pause = float(os.environ.get("FUNNEL_TEST_SAVE_SLEEP", "30"))
-    current = {"step": None, "done": False}
+    current = {"step": None, "dir": None, "done": False}
     save = checkpoint.TrainCheckpointer.save
 
     def tracked_save(self, step, *args, **kwargs):
-        current["step"] = int(step)
+        current["step"], current["dir"] = int(step), self.directory
         return save(self, step, *args, **kwargs)
 
     save_fn = ocp.JsonCheckpointHandler._save_fn
@@ -61,6 +77,7 @@ def _install_async_hold() -> None:
         step = current["step"]
         if not current["done"] and step is not None and step >= int(first):
             current["done"] = True
+            _wait_for_tmp_dir(current["dir"], step)
             _write_marker(marker, f"{step} {directory}\n")
             time.sleep(pause)  # blocks the commit thread only
         return await save_fn(self, x, directory)
@@ -98,11 +115,11 @@ def _install_hook() -> None:
 
     marker = Path(os.environ["FUNNEL_TEST_SAVE_MARKER"])
     pause = float(os.environ.get("FUNNEL_TEST_SAVE_SLEEP", "30"))
-    current = {"step": None, "done": False}
+    current = {"step": None, "dir": None, "done": False}
     save = checkpoint.TrainCheckpointer.save
 
     def tracked_save(self, step, *args, **kwargs):
-        current["step"] = int(step)
+        current["step"], current["dir"] = int(step), self.directory
         return save(self, step, *args, **kwargs)
 
     def hold(directory) -> None:
@@ -110,6 +127,7 @@ def _install_hook() -> None:
         if current["done"] or step is None or step < int(first):
             return
         current["done"] = True
+        _wait_for_tmp_dir(current["dir"], step)
         _write_marker(marker, f"{step} {directory}\n")
         time.sleep(pause)
 
