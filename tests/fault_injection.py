@@ -54,22 +54,30 @@ def _wait_for_tmp_dir(checkpoints: Path, step: int, timeout: float = 120.0) -> N
         time.sleep(0.01)
 
 
-def _install_async_hold() -> None:
-    first = os.environ.get("FUNNEL_TEST_ASYNC_HOLD_STEP")
-    if first is None:
-        return
-    import orbax.checkpoint as ocp
-
+def _track_saves() -> dict:
+    """Record the step and directory of each TrainCheckpointer.save in the returned dict."""
     from funnel_jax import checkpoint
 
-    marker = Path(os.environ["FUNNEL_TEST_SAVE_MARKER"])
-    pause = float(os.environ.get("FUNNEL_TEST_SAVE_SLEEP", "30"))
     current = {"step": None, "dir": None, "done": False}
     save = checkpoint.TrainCheckpointer.save
 
     def tracked_save(self, step, *args, **kwargs):
         current["step"], current["dir"] = int(step), self.directory
         return save(self, step, *args, **kwargs)
+
+    checkpoint.TrainCheckpointer.save = tracked_save
+    return current
+
+
+def _install_async_hold() -> None:
+    first = os.environ.get("FUNNEL_TEST_ASYNC_HOLD_STEP")
+    if first is None:
+        return
+    import orbax.checkpoint as ocp
+
+    marker = Path(os.environ["FUNNEL_TEST_SAVE_MARKER"])
+    pause = float(os.environ.get("FUNNEL_TEST_SAVE_SLEEP", "30"))
+    current = _track_saves()
 
     save_fn = ocp.JsonCheckpointHandler._save_fn
 
@@ -82,7 +90,6 @@ def _install_async_hold() -> None:
             time.sleep(pause)  # blocks the commit thread only
         return await save_fn(self, x, directory)
 
-    checkpoint.TrainCheckpointer.save = tracked_save
     ocp.JsonCheckpointHandler._save_fn = held_save_fn
 
 
@@ -111,16 +118,9 @@ def _install_hook() -> None:
         return
     import orbax.checkpoint as ocp
 
-    from funnel_jax import checkpoint
-
     marker = Path(os.environ["FUNNEL_TEST_SAVE_MARKER"])
     pause = float(os.environ.get("FUNNEL_TEST_SAVE_SLEEP", "30"))
-    current = {"step": None, "dir": None, "done": False}
-    save = checkpoint.TrainCheckpointer.save
-
-    def tracked_save(self, step, *args, **kwargs):
-        current["step"], current["dir"] = int(step), self.directory
-        return save(self, step, *args, **kwargs)
+    current = _track_saves()
 
     def hold(directory) -> None:
         step = current["step"]
@@ -142,7 +142,6 @@ def _install_hook() -> None:
         hold(directory)
         return await json_async_save(self, directory, *args, **kwargs)
 
-    checkpoint.TrainCheckpointer.save = tracked_save
     ocp.JsonCheckpointHandler.save = held_save
     ocp.JsonCheckpointHandler.async_save = held_async_save
 
